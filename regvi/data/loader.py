@@ -1,0 +1,99 @@
+"""Minibatches straight from CSR, and the train/validation split.
+
+A minibatch is one fancy-indexing slice of the CSR matrix (a sorted index array, so the slice
+is a single pass over ``indptr``), densified once; there is no per-cell Python loop. The
+DataLoader receives whole index batches from a ``BatchSampler`` (``batch_size=None``), so
+collation does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from regvi.errors import DataError
+
+
+class CsrMinibatchDataset(Dataset):
+    """Indexable by an array of cell indices; returns a dict of tensors for those cells.
+
+    ``X`` is float32 CSR (cells x features); ``covariates`` are per-cell arrays (codes or
+    continuous values) whose first axis is cells. Keys of the returned dict: ``"x"`` plus the
+    covariate names.
+    """
+
+    def __init__(self, X: sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
+        self.X = X
+        self.covariates = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()}
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def __getitem__(self, indices) -> dict[str, torch.Tensor]:
+        idx = np.sort(np.asarray(indices, dtype=np.int64))
+        x = torch.from_numpy(self.X[idx].toarray())
+        tidx = torch.from_numpy(idx)
+        batch = {name: values[tidx] for name, values in self.covariates.items()}
+        batch["x"] = x
+        return batch
+
+
+class _SubsetBatchSampler(BatchSampler):
+    """Batches of indices drawn from a fixed subset of cells."""
+
+    def __init__(self, subset: np.ndarray, batch_size: int, shuffle: bool):
+        self.subset = np.asarray(subset, dtype=np.int64)
+        base = RandomSampler(self.subset) if shuffle else SequentialSampler(self.subset)
+        super().__init__(base, batch_size, drop_last=False)
+
+    def __iter__(self):
+        for positions in super().__iter__():
+            yield self.subset[positions]
+
+
+def make_dataloader(
+    dataset: CsrMinibatchDataset,
+    indices: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``indices`` whose items are whole minibatches."""
+    if batch_size < 1:
+        raise DataError(f"data.batch_size must be at least 1 (got {batch_size})")
+    return DataLoader(
+        dataset,
+        sampler=_SubsetBatchSampler(indices, batch_size, shuffle),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def stratified_split(
+    strata: np.ndarray, train_size: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split cells into train/validation so each stratum (library) keeps ``train_size``.
+
+    Within every stratum, ``round((1 - train_size) * n)`` cells go to validation; a stratum of
+    one cell stays in training. ``train_size=1`` gives an empty validation set.
+    """
+    if not 0.0 < train_size <= 1.0:
+        raise DataError(f"train_size must be in (0, 1] (got {train_size})")
+    rng = np.random.default_rng(seed)
+    strata = np.asarray(strata)
+    train, val = [], []
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        rng.shuffle(members)
+        n_val = int(round((1.0 - train_size) * members.size))
+        n_val = min(n_val, members.size - 1)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -1,0 +1,5 @@
+"""User-facing model classes."""
+
+from regvi.model.rna import AmbientRegularizedSCVI
+
+__all__ = ["AmbientRegularizedSCVI"]

@@ -1,0 +1,262 @@
+"""Shared machinery of the user-facing model classes: training loop set-up, inference
+batching, persistence. Model classes add data set-up and the module they build."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+from regvi.data.loader import CsrMinibatchDataset, make_dataloader, stratified_split
+from regvi.errors import DataError, RegviError
+from regvi.train import HistoryCallback, TrainingPlan
+
+MODEL_WEIGHTS = "model.pt"
+MODEL_METADATA = "model.json"
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """scvi-tools' heuristic: ``min(round(20000 / n_cells * 400), 400)`` epochs."""
+    return int(max(1, min(round(20000 / max(n_cells, 1) * 400), 400)))
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name in ``path``'s directory, then rename.
+
+    A rename within one directory is atomic on POSIX, so ``path`` is either absent or complete.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class BaseModel:
+    """Common training / inference / persistence logic.
+
+    Subclasses provide ``_dataset(adata) -> CsrMinibatchDataset`` (validated data for any
+    AnnData/MuData compatible with the model), ``_strata`` (library codes of the training
+    cells for the stratified split), ``n_features`` and ``_build_module``.
+    """
+
+    module: torch.nn.Module
+    init_params: dict[str, Any]
+
+    def __init__(self) -> None:
+        self.history_: pd.DataFrame | None = None
+        self.is_trained_ = False
+        self.n_obs_training_: int | None = None
+        self.train_indices_: np.ndarray | None = None
+        self.validation_indices_: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- hooks
+    def _dataset(self, adata: Any = None) -> CsrMinibatchDataset:  # pragma: no cover
+        raise NotImplementedError
+
+    def _strata(self) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def n_features(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 256,
+        train_size: float = 0.9,
+        validation_batch_size: int | None = None,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 45,
+        early_stopping_min_delta_per_feature: float = 2e-4,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        eps: float = 0.01,
+        kl_warmup_fraction: float = 0.5,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        precision: str | int | None = None,
+        gradient_clip_val: float | None = None,
+        num_workers: int = 0,
+        split_seed: int = 0,
+        logger: Any = False,
+        callbacks: list[pl.Callback] | None = None,
+        enable_progress_bar: bool = True,
+        **trainer_kwargs: Any,
+    ) -> BaseModel:
+        """Train with Lightning.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the training cells; default scvi-tools' heuristic
+            ``min(round(20000 / n_cells * 400), 400)``.
+        batch_size
+            Cells per minibatch.
+        train_size
+            Fraction of each library's cells used for training; the rest is validation
+            (stratified by library, so every library is represented in both).
+        early_stopping
+            Stop when ``elbo_validation`` has not improved by
+            ``early_stopping_min_delta_per_feature * n_features`` for
+            ``early_stopping_patience`` epochs.
+        kl_warmup_fraction
+            KL(z) weight rises linearly from 0 to 1 over this fraction of the planned
+            optimiser steps (0 disables warm-up). The final weight is logged as ``kl_weight``.
+        lr, weight_decay, eps
+            Adam settings.
+        accelerator, devices, precision, gradient_clip_val
+            Passed to :class:`lightning.pytorch.Trainer` (``precision="bf16-mixed"`` for AMP).
+        logger, callbacks, trainer_kwargs
+            Extra Lightning logger / callbacks / Trainer arguments.
+        """
+        dataset = self._dataset()
+        n_cells = len(dataset)
+        train_idx, val_idx = stratified_split(self._strata(), train_size, seed=split_seed)
+        if batch_size > train_idx.size:
+            raise DataError(
+                f"batch size {batch_size} is larger than the {train_idx.size} training cells; "
+                "lower data.batch_size"
+            )
+        max_epochs = default_max_epochs(n_cells) if max_epochs is None else int(max_epochs)
+        if max_epochs < 1:
+            raise DataError(f"max_epochs must be at least 1 (got {max_epochs})")
+        pin = accelerator not in ("cpu",) and torch.cuda.is_available()
+        train_loader = make_dataloader(dataset, train_idx, batch_size, True, num_workers, pin)
+        val_loader = (
+            make_dataloader(
+                dataset, val_idx, validation_batch_size or batch_size, False, num_workers, pin
+            )
+            if val_idx.size
+            else None
+        )
+        steps_per_epoch = len(train_loader)
+        warmup_steps = int(round(kl_warmup_fraction * max_epochs * steps_per_epoch))
+        plan = TrainingPlan(
+            self.module,
+            n_obs_training=train_idx.size,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            kl_warmup_steps=warmup_steps,
+        )
+        history = HistoryCallback()
+        all_callbacks: list[pl.Callback] = [history, *(callbacks or [])]
+        if early_stopping:
+            if val_loader is None:
+                raise DataError("early stopping needs a validation set: set train_size below 1")
+            all_callbacks.append(
+                EarlyStopping(
+                    monitor="elbo_validation",
+                    min_delta=early_stopping_min_delta_per_feature * self.n_features,
+                    patience=early_stopping_patience,
+                    mode="min",
+                )
+            )
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            precision=precision,
+            logger=logger,
+            callbacks=all_callbacks,
+            enable_progress_bar=enable_progress_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=max(1, min(50, steps_per_epoch)),
+            gradient_clip_val=gradient_clip_val,
+            limit_val_batches=None if val_loader is not None else 0,
+            **trainer_kwargs,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+            trainer.fit(plan, train_loader, val_loader)
+        self.module.eval()
+        self.history_ = history.to_frame()
+        self.trainer_ = trainer
+        self.is_trained_ = True
+        self.n_obs_training_ = int(train_idx.size)
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        return self
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per-epoch metrics (``<term>_train``, ``<term>_validation``, ``kl_weight``)."""
+        if self.history_ is None:
+            raise RegviError("the model has not been trained yet")
+        return self.history_
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    # ---------------------------------------------------------------- inference
+    def _iterate(
+        self, adata: Any, indices: np.ndarray | None, batch_size: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Minibatches (on the module's device, eval mode, in cell order)."""
+        dataset = self._dataset(adata)
+        idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+        self.module.eval()
+        device = self.device
+        for start in range(0, idx.size, batch_size):
+            batch = dataset[idx[start : start + batch_size]]
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- persistence
+    def _metadata(self) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def save(self, dir_path: str | Path, overwrite: bool = False) -> Path:
+        """Write weights (``model.pt``), metadata (``model.json``: class, constructor
+        arguments, set-up, feature names, category maps) and ``history.csv`` to
+        ``dir_path``. Each file is written atomically."""
+        out = Path(dir_path)
+        if (out / MODEL_WEIGHTS).exists() and not overwrite:
+            raise RegviError(f"{out} already holds a saved model; pass overwrite=True")
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        atomic_write_bytes(out / MODEL_WEIGHTS, lambda p: torch.save(state, p))
+        meta = self._metadata()
+        meta.update(
+            {
+                "class": type(self).__name__,
+                "init_params": self.init_params,
+                "n_obs_training": self.n_obs_training_,
+            }
+        )
+        atomic_write_bytes(
+            out / MODEL_METADATA, lambda p: p.write_text(json.dumps(meta, indent=1))
+        )
+        if self.history_ is not None:
+            atomic_write_bytes(out / "history.csv", lambda p: self.history_.to_csv(p, index=False))
+        return out
+
+    @staticmethod
+    def _read_saved(dir_path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        path = Path(dir_path)
+        if not (path / MODEL_METADATA).exists() or not (path / MODEL_WEIGHTS).exists():
+            raise RegviError(
+                f"no saved regvi model in {path} (expected {MODEL_METADATA} and {MODEL_WEIGHTS})"
+            )
+        meta = json.loads((path / MODEL_METADATA).read_text())
+        state = torch.load(path / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
+        return meta, state

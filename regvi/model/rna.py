@@ -1,0 +1,387 @@
+"""AmbientRegularizedSCVI: the user-facing RNA model (scvi-tools-style API)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from regvi.data.covariates import CovariateEncoder, CovariateKeys
+from regvi.data.io import count_matrix
+from regvi.data.loader import CsrMinibatchDataset
+from regvi.errors import ConfigError, DataError, RegviError
+from regvi.model.base import BaseModel
+from regvi.module.components import LibraryPrior
+from regvi.module.init import (
+    ambient_init,
+    cell_totals,
+    decoder_bias_init,
+    library_prior_stats,
+    normalised_matrix,
+)
+from regvi.module.rna import RegularizedVAE
+
+SETUP_KEY = "regvi_setup"
+
+#: Constructor defaults (REFERENCE.md section 2.12 unless noted).
+DEFAULTS: dict[str, Any] = {
+    "n_latent": 10,
+    "n_hidden": 128,
+    "n_layers": 1,
+    "dropout_rate": 0.1,
+    "activation": "relu",
+    "use_ambient": True,
+    "regularise_ambient": False,
+    "ambient_prior_alpha": 1.0,
+    "ambient_prior_beta": 100.0,
+    "ambient_init_gene_fraction": 0.2,
+    "use_feature_scaling": True,
+    "feature_scaling_prior_alpha": 200.0,
+    "feature_scaling_prior_beta": 200.0,
+    "regularise_dispersion": True,
+    "dispersion_hyper_prior_mean": 1.0 / 3.0,
+    "dispersion_hyper_prior_alpha": 9.0,
+    "library_n_hidden": 16,
+    "library_log_vars_weight": 0.5,
+    "residual_library_encoder": True,
+    "library_w_prior_rate": 1.0,
+    "decoder_weight_l2": 0.1,
+}
+
+
+class AmbientRegularizedSCVI(BaseModel):
+    """scVI-style model of RNA counts with ambient RNA, feature scaling, hierarchical
+    dispersion and learned library size (SPEC section 2).
+
+    Usage::
+
+        AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+        model = AmbientRegularizedSCVI(adata, n_latent=10)
+        model.train(max_epochs=100)
+        adata.obsm["X_regvi"] = model.get_latent_representation()
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent, n_hidden, n_layers, dropout_rate, activation
+        Architecture of the encoders and decoder.
+    use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
+        Additive ambient RNA per ambient category, and its optional Gamma prior.
+    ambient_init_gene_fraction
+        Ambient initialised at this fraction of each category's mean normalised expression.
+    use_feature_scaling, feature_scaling_prior_alpha, feature_scaling_prior_beta
+        Per-category multiplicative gene scaling and its Gamma prior.
+    regularise_dispersion, dispersion_hyper_prior_mean, dispersion_hyper_prior_alpha
+        Hierarchical dispersion prior (Exp on θ^-1/2, Gamma hyperprior).
+    library_n_hidden, library_log_vars_weight, residual_library_encoder, library_w_prior_rate
+        Learned library size: encoder width, prior variance scaling, residual on the observed
+        library, and the Exp prior rate of the residual weight.
+    decoder_weight_l2
+        L2 penalty on decoder weights (a global term, divided by N).
+    """
+
+    def __init__(self, adata: ad.AnnData, **kwargs: Any):
+        super().__init__()
+        unknown = set(kwargs) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"unknown model argument(s): {', '.join(sorted(unknown))}")
+        self.init_params = {**DEFAULTS, **kwargs}
+        setup = _read_setup(adata)
+        self.adata = adata
+        self.setup_ = setup
+        self.covariates = CovariateEncoder(CovariateKeys.resolve(**setup["covariates"]))
+        X = count_matrix(adata, setup["layer"])
+        self.covariates.fit(adata.obs)
+        codes = self.covariates.transform(adata.obs)
+        self.gene_names = list(map(str, adata.var_names))
+        self._data_cache = (X, codes)
+
+        totals = cell_totals(X)
+        n_lib = self.covariates.n_groups("library_size_key")
+        prior = library_prior_stats(totals, codes["library_size"], n_lib)
+        reference = float(np.mean(prior.log_means))
+        X_norm = normalised_matrix(X, totals, reference)
+        n_ambient = sum(self.covariates.n_categories("ambient_covariate_keys"))
+        init_ambient = (
+            ambient_init(
+                X_norm,
+                codes["ambient"],
+                n_ambient,
+                self.init_params["ambient_init_gene_fraction"],
+            )
+            if self.init_params["use_ambient"] and n_ambient
+            else None
+        )
+        self.module = self._build_module(prior, decoder_bias_init(X_norm), init_ambient)
+
+    # ---------------------------------------------------------------- set-up
+    @staticmethod
+    def setup_anndata(
+        adata: ad.AnnData,
+        layer: str | None = None,
+        labels_key: str | None = None,
+        batch_key: str | None = None,
+        library_key: str | None = None,
+        dataset_key: str | None = None,
+        technical_covariate_keys: list[str] | None = None,
+        ambient_covariate_keys: list[str] | None = None,
+        nn_conditioning_covariate_keys: list[str] | None = None,
+        feature_scaling_covariate_keys: list[str] | None = None,
+        dispersion_key: str | None = None,
+        library_size_key: str | None = None,
+        encoder_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Register which layer holds counts and which obs columns play which role.
+
+        ``batch_key`` (or ``library_key``) fans out to ambient, dispersion and library-size
+        groups; ``dataset_key`` / ``technical_covariate_keys`` default to the feature-scaling
+        covariates. See :mod:`regvi.data.covariates` for the rules. Keys are checked against
+        ``adata.obs`` here so a typo fails before any model is built.
+        """
+        covariates = {
+            "batch_key": batch_key,
+            "library_key": library_key,
+            "dataset_key": dataset_key,
+            "technical_covariate_keys": technical_covariate_keys,
+            "ambient_covariate_keys": ambient_covariate_keys,
+            "nn_conditioning_covariate_keys": nn_conditioning_covariate_keys,
+            "feature_scaling_covariate_keys": feature_scaling_covariate_keys,
+            "dispersion_key": dispersion_key,
+            "library_size_key": library_size_key,
+            "encoder_covariate_keys": encoder_covariate_keys,
+            "continuous_covariate_keys": continuous_covariate_keys,
+        }
+        covariates = {
+            k: (list(v) if isinstance(v, list | tuple) else v) for k, v in covariates.items()
+        }
+        keys = CovariateKeys.resolve(**covariates)
+        CovariateEncoder(keys)._check_columns(adata.obs)
+        if labels_key is not None and labels_key not in adata.obs.columns:
+            raise DataError(f"labels column {labels_key!r} not found in obs")
+        if layer is not None and layer not in adata.layers:
+            available = ", ".join(adata.layers.keys()) or "(none)"
+            raise DataError(f"layer {layer!r} not found in the data; available layers: {available}")
+        adata.uns[SETUP_KEY] = json.dumps(
+            {"layer": layer, "labels_key": labels_key, "covariates": covariates}
+        )
+
+    # ---------------------------------------------------------------- module
+    def _build_module(
+        self,
+        prior: LibraryPrior,
+        init_decoder_bias: np.ndarray | None = None,
+        init_log_ambient: np.ndarray | None = None,
+    ) -> RegularizedVAE:
+        p, cov = self.init_params, self.covariates
+        return RegularizedVAE(
+            n_genes=len(self.gene_names),
+            library_prior=prior,
+            n_latent=p["n_latent"],
+            n_hidden=p["n_hidden"],
+            n_layers=p["n_layers"],
+            dropout_rate=p["dropout_rate"],
+            activation=p["activation"],
+            n_continuous=len(cov.keys.continuous_covariate_keys),
+            n_encoder_categories=sum(cov.n_categories("encoder_covariate_keys")),
+            n_nn_conditioning_categories=sum(cov.n_categories("nn_conditioning_covariate_keys")),
+            use_ambient=p["use_ambient"],
+            n_ambient_categories=sum(cov.n_categories("ambient_covariate_keys")),
+            regularise_ambient=p["regularise_ambient"],
+            ambient_prior_alpha=p["ambient_prior_alpha"],
+            ambient_prior_beta=p["ambient_prior_beta"],
+            use_feature_scaling=p["use_feature_scaling"],
+            n_feature_scaling_categories=sum(cov.n_categories("feature_scaling_covariate_keys")),
+            feature_scaling_prior_alpha=p["feature_scaling_prior_alpha"],
+            feature_scaling_prior_beta=p["feature_scaling_prior_beta"],
+            n_dispersion_groups=cov.n_groups("dispersion_key"),
+            regularise_dispersion=p["regularise_dispersion"],
+            dispersion_hyper_prior_mean=p["dispersion_hyper_prior_mean"],
+            dispersion_hyper_prior_alpha=p["dispersion_hyper_prior_alpha"],
+            library_n_hidden=p["library_n_hidden"],
+            library_log_vars_weight=p["library_log_vars_weight"],
+            residual_library_encoder=p["residual_library_encoder"],
+            library_w_prior_rate=p["library_w_prior_rate"],
+            decoder_weight_l2=p["decoder_weight_l2"],
+            init_decoder_bias=init_decoder_bias,
+            init_log_ambient=init_log_ambient,
+        )
+
+    @property
+    def n_features(self) -> int:
+        return len(self.gene_names)
+
+    # ---------------------------------------------------------------- data
+    def _dataset(self, adata: ad.AnnData | None = None) -> CsrMinibatchDataset:
+        if adata is None or adata is self.adata:
+            if getattr(self, "_data_cache", None) is None:
+                if self.adata is None:
+                    raise RegviError("this model was loaded without data: pass adata=")
+                self._data_cache = self._encode(self.adata)
+            X, codes = self._data_cache
+        else:
+            X, codes = self._encode(adata)
+        return CsrMinibatchDataset(X, codes)
+
+    def _encode(self, adata: ad.AnnData) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
+        """Counts (genes reordered to the model's order) and covariate codes of ``adata``."""
+        names = pd.Index(map(str, adata.var_names))
+        if list(names) != self.gene_names:
+            missing = pd.Index(self.gene_names).difference(names)
+            if len(missing):
+                raise DataError(
+                    f"{len(missing)} of the model's {len(self.gene_names)} genes are missing from "
+                    f"the data (e.g. {', '.join(map(repr, list(missing[:5])))}); the data must "
+                    "contain every gene the model was trained on"
+                )
+            if not names.is_unique:
+                raise DataError("duplicate gene names in the data; make var_names unique")
+            adata = adata[:, self.gene_names]
+        layer = self.setup_["layer"]
+        return count_matrix(adata, layer), self.covariates.transform(adata.obs)
+
+    def _strata(self) -> np.ndarray:
+        X, codes = self._data_cache
+        return codes["library_size"]
+
+    # ---------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: np.ndarray | None = None,
+        give_mean: bool = True,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Posterior mean of z (or one sample with ``give_mean=False``), ``(cells, n_latent)``."""
+        out = []
+        for batch in self._iterate(adata, indices, batch_size):
+            inf = self.module.inference(batch)
+            z = inf["qz_mean"]
+            if not give_mean:
+                z = z + torch.sqrt(inf["qz_var"]) * torch.randn_like(z)
+            out.append(z.cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: np.ndarray | None = None,
+        gene_list: list[str] | None = None,
+        library_size: float | str = 1e4,
+        include_ambient: bool = False,
+        batch_size: int = 1024,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        r"""Denoised expression from the posterior mean of z, computed in batches.
+
+        * ``library_size=<float>``: :math:`\rho_{ng} / \sum_{g'} \rho_{ng'} \times`
+          ``library_size`` — the decoder's biological expression (ambient RNA and technical
+          feature scaling removed) as counts per ``library_size`` (CP10k by default). With
+          ``include_ambient=True`` the ambient profile is added to ρ before normalising.
+        * ``library_size="latent"``: the full mean :math:`\mu = e^\ell(\rho+s)y` at each cell's
+          own inferred library.
+
+        ``gene_list`` restricts the returned columns (normalisation still uses all genes);
+        ``out`` may be a preallocated (e.g. memory-mapped) float32 array to fill.
+        """
+        cols = None
+        if gene_list is not None:
+            lookup = {g: i for i, g in enumerate(self.gene_names)}
+            missing = [g for g in gene_list if g not in lookup]
+            if missing:
+                raise DataError(f"genes not in the model: {', '.join(map(repr, missing[:5]))}")
+            cols = torch.as_tensor([lookup[g] for g in gene_list])
+        chunks, row = [], 0
+        for batch in self._iterate(adata, indices, batch_size):
+            inf = self.module.inference(batch)
+            gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
+            if library_size == "latent":
+                values = gen["mu"]
+            else:
+                rho = gen["rho"]
+                if include_ambient and self.module.rna.ambient is not None:
+                    rho = rho + self.module.rna.ambient.per_cell(batch["ambient"])
+                values = rho / rho.sum(dim=-1, keepdim=True) * float(library_size)
+            if cols is not None:
+                values = values[:, cols.to(values.device)]
+            values = values.cpu().numpy().astype(np.float32, copy=False)
+            if out is not None:
+                out[row : row + values.shape[0]] = values
+                row += values.shape[0]
+            else:
+                chunks.append(values)
+        return out if out is not None else np.concatenate(chunks, axis=0)
+
+    def get_ambient_profiles(self) -> pd.DataFrame:
+        """Learned ambient :math:`s_{b,g}` as a (category x gene) table (empty without ambient)."""
+        amb = self.module.rna.ambient
+        if amb is None:
+            return pd.DataFrame(columns=self.gene_names)
+        index = [
+            f"{key}={cat}"
+            for key in self.covariates.keys.ambient_covariate_keys
+            for cat in self.covariates.categories[key]
+        ]
+        values = torch.exp(amb.log_ambient).detach().cpu().numpy()
+        return pd.DataFrame(values, index=index, columns=self.gene_names)
+
+    def get_dispersion(self) -> pd.DataFrame:
+        """Posterior median θ per (dispersion group x gene)."""
+        keys = self.covariates.keys.role_keys("dispersion_key")
+        index = self.covariates.categories[keys[0]] if keys else ["all"]
+        return pd.DataFrame(self.module.dispersion_per_group(), index=index, columns=self.gene_names)
+
+    # ---------------------------------------------------------------- persistence
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "setup": self.setup_,
+            "covariates": self.covariates.to_dict(),
+            "gene_names": self.gene_names,
+        }
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: ad.AnnData | None = None) -> AmbientRegularizedSCVI:
+        """Rebuild a saved model; ``adata`` (optional) becomes its default data.
+
+        New data is validated against the saved gene names (reordered by name; missing genes
+        are an error) and category maps (an unseen category is an error).
+        """
+        meta, state = cls._read_saved(dir_path)
+        if meta.get("class") != cls.__name__:
+            raise RegviError(f"{dir_path} holds a {meta.get('class')}, not an {cls.__name__}")
+        model = cls.__new__(cls)
+        BaseModel.__init__(model)
+        model.init_params = meta["init_params"]
+        model.setup_ = meta["setup"]
+        model.covariates = CovariateEncoder.from_dict(meta["covariates"])
+        model.gene_names = meta["gene_names"]
+        model.n_obs_training_ = meta.get("n_obs_training")
+        n_lib = model.covariates.n_groups("library_size_key")
+        placeholder = LibraryPrior(np.zeros(n_lib), np.ones(n_lib))
+        model.module = model._build_module(placeholder)
+        model.module.load_state_dict(state)
+        model.module.eval()
+        model.adata = adata
+        model._data_cache = None
+        model.is_trained_ = True
+        history = Path(dir_path) / "history.csv"
+        model.history_ = pd.read_csv(history) if history.exists() else None
+        return model
+
+
+def _read_setup(adata: ad.AnnData) -> dict[str, Any]:
+    raw = adata.uns.get(SETUP_KEY)
+    if raw is None:
+        raise RegviError(
+            "call AmbientRegularizedSCVI.setup_anndata(adata, ...) before creating the model"
+        )
+    return json.loads(raw) if isinstance(raw, str) else dict(raw)

@@ -1,0 +1,397 @@
+"""Generative components shared by every count modality (RNA genes, ATAC peaks).
+
+Each prior's math lives in exactly one class here; the RNA and multimodal modules compose
+:class:`CountModality` objects and never re-implement a prior. All "global" penalties are
+returned *un-normalised*; the caller divides their sum by the training-set size N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from regvi.distributions import (
+    gamma_log_prob,
+    gamma_poisson_log_prob,
+    kl_log_theta_inverse_sqrt_exponential,
+    kl_lognormal_exponential,
+    kl_normal_normal,
+)
+from regvi.nn import Decoder, Encoder
+
+#: softplus(0) / 0.7 is 0.990: feature scaling starts at (almost exactly) one.
+FEATURE_SCALING_DIVISOR = 0.7
+
+
+class AmbientBackground(nn.Module):
+    r"""Additive ambient RNA :math:`s_{b,g} = \exp(\beta_{b,g})` per ambient category.
+
+    With several ambient keys a cell's background is the sum of its categories' profiles
+    (each key is a separate source of soup). Optional prior
+    :math:`s_{b,g} \sim \mathrm{Gamma}(\alpha=1, \beta=100)` (off by default, as in the
+    published defaults), applied as a penalty on :math:`s`.
+    """
+
+    def __init__(
+        self,
+        n_categories: int,
+        n_features: int,
+        regularise: bool = False,
+        prior_alpha: float = 1.0,
+        prior_beta: float = 100.0,
+        init_log_ambient: np.ndarray | None = None,
+    ):
+        super().__init__()
+        init = (
+            torch.as_tensor(init_log_ambient, dtype=torch.float32)
+            if init_log_ambient is not None
+            else torch.full((n_categories, n_features), float(np.log(prior_alpha / prior_beta)))
+        )
+        self.log_ambient = nn.Parameter(init + 0.01 * torch.randn(n_categories, n_features))
+        self.regularise = regularise
+        self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
+
+    def per_cell(self, codes: torch.Tensor) -> torch.Tensor:
+        """Background of each cell, ``(B, G)``; ``codes`` are absolute, shape ``(B, n_keys)``."""
+        return F.embedding(codes, torch.exp(self.log_ambient)).sum(dim=1)
+
+    def penalty(self) -> torch.Tensor:
+        r""":math:`-\sum_{b,g}\log\mathrm{Gamma}(s_{b,g};\alpha,\beta)` (0 when not regularised)."""
+        if not self.regularise:
+            return self.log_ambient.new_zeros(())
+        return -gamma_log_prob(torch.exp(self.log_ambient), self.prior_alpha, self.prior_beta).sum()
+
+
+class FeatureScaling(nn.Module):
+    r"""Multiplicative per-feature scaling :math:`y_{t,g} = \mathrm{softplus}(\gamma_{t,g})/0.7`.
+
+    Prior :math:`y_{t,g}\sim\mathrm{Gamma}(200, 200)` (mean 1, sd 0.07), always applied.
+    Without scaling covariates a single row applies to every cell. With several keys the
+    cell's factor is the **product** of its categories' factors: each key is a separate
+    multiplicative effect, so two keys at their prior mean still give a factor of one (the
+    published code sums them, which doubles the mean; we treat that as unintended).
+    """
+
+    def __init__(
+        self,
+        n_categories: int,
+        n_features: int,
+        prior_alpha: float = 200.0,
+        prior_beta: float = 200.0,
+    ):
+        super().__init__()
+        self.raw = nn.Parameter(torch.zeros(max(n_categories, 1), n_features))
+        self.has_covariates = n_categories > 0
+        self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
+
+    def factors(self) -> torch.Tensor:
+        return F.softplus(self.raw) / FEATURE_SCALING_DIVISOR
+
+    def per_cell(self, codes: torch.Tensor) -> torch.Tensor:
+        """Scaling of each cell, ``(B, G)`` (or ``(1, G)`` without covariates)."""
+        y = self.factors()
+        if not self.has_covariates:
+            return y
+        return F.embedding(codes, y).prod(dim=1)
+
+    def penalty(self) -> torch.Tensor:
+        r""":math:`-\sum_{t,g}\log\mathrm{Gamma}(y_{t,g}; 200, 200)`."""
+        return -gamma_log_prob(self.factors(), self.prior_alpha, self.prior_beta).sum()
+
+
+class HierarchicalDispersion(nn.Module):
+    r"""Per-(group, feature) inverse dispersion :math:`\theta` with a hierarchical prior.
+
+    Variational posterior :math:`q(\log\theta_{d,g}) = \mathcal N(\mu_{d,g}, \sigma_{d,g}^2)`.
+    Prior :math:`\theta_{d,g}^{-1/2} \sim \mathrm{Exp}(\lambda_d)` (pushes towards Poisson),
+    hyperprior :math:`\lambda_d \sim \mathrm{Gamma}(\alpha, \beta)` with
+    :math:`\lambda_d = \mathrm{softplus}(r_d)` a point estimate.
+
+    The hyperprior is set by its prior mean ``m`` of :math:`\theta^{-1/2}` and shape ``alpha``:
+    :math:`\lambda_{init} = 1/m`, :math:`\beta = \alpha m` (defaults m=1/3, alpha=9:
+    Gamma(9, 3)). Initialisation :math:`\mu = -\log m^2 + 0.1\epsilon` (θ ≈ 9),
+    :math:`\log\sigma = \log 0.1`.
+
+    Training draws :math:`\theta = \exp(\mu + \sigma\epsilon)` independently for every
+    (cell, feature) (lower-variance, unbiased estimate of the expected log-likelihood); eval
+    mode uses the median :math:`\exp(\mu)`.
+    """
+
+    def __init__(
+        self,
+        n_groups: int,
+        n_features: int,
+        hyper_prior_mean: float = 1.0 / 3.0,
+        hyper_prior_alpha: float = 9.0,
+        regularise: bool = True,
+    ):
+        super().__init__()
+        init_mean = -np.log(hyper_prior_mean**2)
+        self.log_theta_mean = nn.Parameter(
+            torch.full((n_groups, n_features), float(init_mean))
+            + 0.1 * torch.randn(n_groups, n_features)
+        )
+        self.log_theta_log_sigma = nn.Parameter(
+            torch.full((n_groups, n_features), float(np.log(0.1)))
+        )
+        rate_init = 1.0 / hyper_prior_mean
+        self.rate_raw = nn.Parameter(
+            torch.full((n_groups,), float(rate_init + np.log(-np.expm1(-rate_init))))
+        )
+        self.hyper_alpha = float(hyper_prior_alpha)
+        self.hyper_beta = float(hyper_prior_alpha * hyper_prior_mean)
+        self.regularise = regularise
+
+    def rate(self) -> torch.Tensor:
+        return F.softplus(self.rate_raw)
+
+    def theta(self, group_codes: torch.Tensor) -> torch.Tensor:
+        """θ for each cell's group, ``(B, G)``; sampled in training, the median in eval."""
+        mean = F.embedding(group_codes, self.log_theta_mean)
+        if not self.training:
+            return torch.exp(mean)
+        sigma = F.embedding(group_codes, torch.exp(self.log_theta_log_sigma))
+        return torch.exp(mean + sigma * torch.randn_like(mean))
+
+    def penalty(self) -> torch.Tensor:
+        r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`.
+
+        See :func:`regvi.distributions.kl_log_theta_inverse_sqrt_exponential`.
+        """
+        if not self.regularise:
+            return self.log_theta_mean.new_zeros(())
+        rate = self.rate()
+        kl = kl_log_theta_inverse_sqrt_exponential(
+            self.log_theta_mean, self.log_theta_log_sigma, rate[:, None]
+        ).sum()
+        return kl - gamma_log_prob(rate, self.hyper_alpha, self.hyper_beta).sum()
+
+
+@dataclass
+class LibraryPrior:
+    """Per-group statistics of the observed log library size (from the data, at setup)."""
+
+    log_means: np.ndarray  # (n_groups,)
+    log_vars: np.ndarray  # (n_groups,)
+
+
+class LearnedLibrarySize(nn.Module):
+    r"""Learned log library size :math:`\ell_n` with a residual encoder and per-group prior.
+
+    Prior: :math:`p(\ell_n) = \mathcal N(m_p - \bar m + \log s,\; w_v\,v_p)` for the cell's
+    library-size group :math:`p`, where :math:`m_p, v_p` are the mean and variance of the
+    observed log library sizes of the group, :math:`\bar m` the unweighted mean of the
+    :math:`m_p` (centring), :math:`s` the sensitivity (1 by default) and :math:`w_v = 0.5`
+    the variance scaling.
+
+    Residual encoder: with :math:`o_n = \log\max(L_n, 1) - \bar m + \log s` and a global
+    weight :math:`w \sim q(w) = \mathrm{LogNormal}(\mu_w, \sigma_w)` (init 0 and
+    :math:`e^{-2}`, prior :math:`\mathrm{Exp}(1)`, sampled once per minibatch),
+    :math:`q(\ell_n) = \mathcal N(\log s + w(o_n - \log s) + a_n, b_n)` where
+    :math:`(a_n, b_n)` come from a small encoder (16 hidden units). Eval uses the means.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        prior: LibraryPrior,
+        n_hidden: int = 16,
+        dropout_rate: float = 0.1,
+        n_categories: int = 0,
+        activation: str = "relu",
+        log_vars_weight: float = 0.5,
+        residual: bool = True,
+        w_prior_rate: float = 1.0,
+        log_sensitivity: float = 0.0,
+    ):
+        super().__init__()
+        log_means = torch.as_tensor(prior.log_means, dtype=torch.float32)
+        global_log_mean = log_means.mean()
+        prior_vars = torch.as_tensor(prior.log_vars, dtype=torch.float32) * log_vars_weight
+        self.register_buffer("prior_means", log_means - global_log_mean + log_sensitivity)
+        # A group with one cell (or identical libraries) has zero variance: floor it.
+        self.register_buffer("prior_vars", torch.clamp(prior_vars, min=1e-3))
+        self.register_buffer("global_log_mean", global_log_mean)
+        self.register_buffer("log_sensitivity", torch.tensor(float(log_sensitivity)))
+        self.encoder = Encoder(
+            n_in, 1, n_hidden, 1, dropout_rate, n_categories, activation=activation
+        )
+        with torch.no_grad():
+            self.encoder.mean_head.bias.fill_(0.0 if residual else float(log_sensitivity))
+        self.residual = residual
+        self.w_prior_rate = w_prior_rate
+        if residual:
+            self.w_mu = nn.Parameter(torch.zeros(()))
+            self.w_log_sigma = nn.Parameter(torch.full((), -2.0))
+
+    def forward(
+        self,
+        encoder_input: torch.Tensor,
+        observed_library: torch.Tensor,
+        group_codes: torch.Tensor,
+        cat_codes: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Returns ``mean``, ``var`` of q(ℓ), the sample ``library`` and per-cell ``kl``."""
+        a, b = self.encoder(encoder_input, cat_codes)
+        a, b = a.squeeze(-1), b.squeeze(-1)
+        if self.residual:
+            w = torch.exp(self.w_mu)
+            if self.training:
+                w = torch.exp(self.w_mu + torch.exp(self.w_log_sigma) * torch.randn_like(self.w_mu))
+            centred = torch.log(torch.clamp(observed_library, min=1.0)) - self.global_log_mean
+            mean = self.log_sensitivity + w * centred + a
+        else:
+            mean = a
+        library = mean + torch.sqrt(b) * torch.randn_like(mean) if self.training else mean
+        kl = kl_normal_normal(mean, b, self.prior_means[group_codes], self.prior_vars[group_codes])
+        return {"mean": mean, "var": b, "library": library, "kl": kl}
+
+    def penalty(self) -> torch.Tensor:
+        """KL(q(w) || Exp(rate)) for the residual weight (0 without the residual)."""
+        if not self.residual:
+            return self.global_log_mean.new_zeros(())
+        return kl_lognormal_exponential(self.w_mu, self.w_log_sigma, self.w_prior_rate)
+
+
+class CountModality(nn.Module):
+    r"""Everything that turns a latent z into a count likelihood for one modality.
+
+    .. math::
+        \rho = \mathrm{softplus}(\mathrm{decoder}(z)),\quad
+        \mu_{ng} = e^{\ell_n}\,(\rho_{ng} + s_{b_n g})\,y_{t_n g},\quad
+        x_{ng} \sim \mathrm{GammaPoisson}(\theta_{d_n g}, \theta_{d_n g}/\mu_{ng})
+
+    with the learned library :math:`\ell`, ambient :math:`s`, feature scaling :math:`y` and
+    hierarchical dispersion :math:`\theta` (each switchable), plus an L2 penalty on the
+    decoder weights. ``penalties()`` gives each global term, un-normalised.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_latent: int,
+        library_prior: LibraryPrior,
+        encoder_input_dim: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        activation: str = "relu",
+        dropout_rate: float = 0.1,
+        n_nn_conditioning_categories: int = 0,
+        n_encoder_categories: int = 0,
+        use_ambient: bool = True,
+        n_ambient_categories: int = 0,
+        regularise_ambient: bool = False,
+        ambient_prior_alpha: float = 1.0,
+        ambient_prior_beta: float = 100.0,
+        use_feature_scaling: bool = True,
+        n_feature_scaling_categories: int = 0,
+        feature_scaling_prior_alpha: float = 200.0,
+        feature_scaling_prior_beta: float = 200.0,
+        n_dispersion_groups: int = 1,
+        regularise_dispersion: bool = True,
+        dispersion_hyper_prior_mean: float = 1.0 / 3.0,
+        dispersion_hyper_prior_alpha: float = 9.0,
+        library_n_hidden: int = 16,
+        library_log_vars_weight: float = 0.5,
+        residual_library_encoder: bool = True,
+        library_w_prior_rate: float = 1.0,
+        library_log_sensitivity: float = 0.0,
+        decoder_weight_l2: float = 0.1,
+        init_decoder_bias: np.ndarray | None = None,
+        init_log_ambient: np.ndarray | None = None,
+    ):
+        super().__init__()
+        self.decoder = Decoder(
+            n_latent, n_features, n_hidden, n_layers, 0.0, n_nn_conditioning_categories, activation
+        )
+        if init_decoder_bias is not None:
+            with torch.no_grad():
+                self.decoder.head.bias.copy_(torch.as_tensor(init_decoder_bias))
+        self.ambient = (
+            AmbientBackground(
+                n_ambient_categories,
+                n_features,
+                regularise_ambient,
+                ambient_prior_alpha,
+                ambient_prior_beta,
+                init_log_ambient,
+            )
+            if use_ambient and n_ambient_categories > 0
+            else None
+        )
+        self.feature_scaling = (
+            FeatureScaling(
+                n_feature_scaling_categories,
+                n_features,
+                feature_scaling_prior_alpha,
+                feature_scaling_prior_beta,
+            )
+            if use_feature_scaling
+            else None
+        )
+        self.dispersion = HierarchicalDispersion(
+            n_dispersion_groups,
+            n_features,
+            dispersion_hyper_prior_mean,
+            dispersion_hyper_prior_alpha,
+            regularise_dispersion,
+        )
+        self.library = LearnedLibrarySize(
+            encoder_input_dim,
+            library_prior,
+            library_n_hidden,
+            dropout_rate,
+            n_encoder_categories,
+            activation,
+            library_log_vars_weight,
+            residual_library_encoder,
+            library_w_prior_rate,
+            library_log_sensitivity,
+        )
+        self.decoder_weight_l2 = decoder_weight_l2
+
+    def encoder_input(self, x: torch.Tensor, observed_library: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log(1 + x_{ng}\,e^{\bar m}/L_n)`: log1p of library-normalised counts, scaled
+        to the data's typical (geometric-mean) library so values keep count-like magnitudes."""
+        scale = torch.exp(self.library.global_log_mean) / torch.clamp(observed_library, min=1.0)
+        return torch.log1p(x * scale[:, None])
+
+    def rate(
+        self,
+        rho: torch.Tensor,
+        library: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        include_ambient: bool = True,
+        include_scaling: bool = True,
+    ) -> torch.Tensor:
+        r""":math:`\mu = e^{\ell}(\rho + s)\,y` (ambient and scaling optional)."""
+        expression = rho
+        if include_ambient and self.ambient is not None:
+            expression = expression + self.ambient.per_cell(batch["ambient"])
+        if include_scaling and self.feature_scaling is not None:
+            expression = expression * self.feature_scaling.per_cell(batch["feature_scaling"])
+        return torch.exp(library)[:, None] * expression
+
+    def reconstruction_loss(
+        self, x: torch.Tensor, mu: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Negative log-likelihood per cell, summed over features."""
+        theta = self.dispersion.theta(batch["dispersion"])
+        return -gamma_poisson_log_prob(x, mu, theta).sum(dim=-1)
+
+    def penalties(self) -> dict[str, torch.Tensor]:
+        """Global (non-local) terms, un-normalised: each enters the loss divided by N."""
+        terms = {
+            "dispersion_penalty": self.dispersion.penalty(),
+            "library_w_kl": self.library.penalty(),
+            "decoder_l2": self.decoder_weight_l2 * self.decoder.weight_l2(),
+        }
+        if self.ambient is not None:
+            terms["ambient_penalty"] = self.ambient.penalty()
+        if self.feature_scaling is not None:
+            terms["feature_scaling_penalty"] = self.feature_scaling.penalty()
+        return terms

@@ -1,0 +1,5 @@
+"""Neural-network building blocks shared by the RNA and multimodal models."""
+
+from regvi.nn.layers import CategoricalInjection, Decoder, Encoder, FCLayers
+
+__all__ = ["CategoricalInjection", "Decoder", "Encoder", "FCLayers"]

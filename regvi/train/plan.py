@@ -1,0 +1,83 @@
+"""The Lightning training plan: optimisation, KL warm-up and logging; no model math here."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from regvi.errors import NonFiniteLossError
+
+
+class TrainingPlan(pl.LightningModule):
+    r"""Trains any regvi module exposing ``loss(batch, n_obs, kl_weight) -> LossOutput``.
+
+    * Global priors are divided by ``n_obs_training`` (the training-set size N), for training
+      and validation alike, so both losses are on one per-cell scale.
+    * KL warm-up: :math:`\kappa = \min(\text{step} / S_{warm}, 1)` on KL(z) only, counted in
+      optimiser steps; ``kl_warmup_steps`` is set from the planned run length by the model's
+      ``train`` (a fraction of all steps), so the weight reaches 1 within the run whatever its
+      length. ``kl_warmup_steps=0`` means no warm-up.
+    * Adam with ``lr=1e-3``, ``eps=0.01``, ``weight_decay=1e-6`` (scvi-tools' defaults).
+    * Every loss term is logged as ``<term>_train`` / ``<term>_validation`` per epoch.
+    * A non-finite loss stops training with :class:`NonFiniteLossError` naming the term.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        n_obs_training: int,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        eps: float = 0.01,
+        kl_warmup_steps: int = 0,
+    ):
+        super().__init__()
+        self.module = module
+        self.n_obs_training = int(n_obs_training)
+        self.lr, self.weight_decay, self.eps = lr, weight_decay, eps
+        self.kl_warmup_steps = int(kl_warmup_steps)
+
+    @property
+    def kl_weight(self) -> float:
+        if self.kl_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, self.global_step / self.kl_warmup_steps)
+
+    def _check_finite(self, output, stage: str) -> None:
+        if torch.isfinite(output.loss):
+            return
+        bad = [name for name, value in output.terms.items() if not torch.isfinite(value)]
+        raise NonFiniteLossError(
+            f"the {stage} loss became non-finite at epoch {self.current_epoch} "
+            f"(step {self.global_step}); non-finite term(s): {', '.join(bad) or 'loss'}. "
+            "Try a lower learning rate (trainer.lr) or check the input counts."
+        )
+
+    def _log_terms(self, output, stage: str, batch_size: int) -> None:
+        values = {f"loss_{stage}": output.loss, f"elbo_{stage}": output.elbo}
+        values.update({f"{name}_{stage}": value for name, value in output.terms.items()})
+        self.log_dict(
+            {k: v.detach() for k, v in values.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
+        self._check_finite(output, "training")
+        batch_size = batch["x"].shape[0]
+        self._log_terms(output, "train", batch_size)
+        self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
+                 logger=False, batch_size=batch_size)
+        self.log("kl_weight", self.kl_weight, on_step=False, on_epoch=True, batch_size=batch_size)
+        return output.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
+        self._check_finite(output, "validation")
+        self._log_terms(output, "validation", batch["x"].shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
