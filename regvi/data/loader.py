@@ -28,7 +28,9 @@ class CsrMinibatchDataset(Dataset):
 
     def __init__(self, X: sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
         self.X = X
-        self.covariates = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()}
+        self.covariates = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
+        }
 
     def __len__(self) -> int:
         return self.X.shape[0]

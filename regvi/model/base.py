@@ -243,9 +243,7 @@ class BaseModel:
                 "n_obs_training": self.n_obs_training_,
             }
         )
-        atomic_write_bytes(
-            out / MODEL_METADATA, lambda p: p.write_text(json.dumps(meta, indent=1))
-        )
+        atomic_write_bytes(out / MODEL_METADATA, lambda p: p.write_text(json.dumps(meta, indent=1)))
         if self.history_ is not None:
             atomic_write_bytes(out / "history.csv", lambda p: self.history_.to_csv(p, index=False))
         return out

@@ -338,7 +338,9 @@ class AmbientRegularizedSCVI(BaseModel):
         """Posterior median θ per (dispersion group x gene)."""
         keys = self.covariates.keys.role_keys("dispersion_key")
         index = self.covariates.categories[keys[0]] if keys else ["all"]
-        return pd.DataFrame(self.module.dispersion_per_group(), index=index, columns=self.gene_names)
+        return pd.DataFrame(
+            self.module.dispersion_per_group(), index=index, columns=self.gene_names
+        )
 
     # ---------------------------------------------------------------- persistence
     def _metadata(self) -> dict[str, Any]:

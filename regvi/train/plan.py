@@ -68,8 +68,15 @@ class TrainingPlan(pl.LightningModule):
         self._check_finite(output, "training")
         batch_size = batch["x"].shape[0]
         self._log_terms(output, "train", batch_size)
-        self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
-                 logger=False, batch_size=batch_size)
+        self.log(
+            "loss",
+            output.loss.detach(),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            logger=False,
+            batch_size=batch_size,
+        )
         self.log("kl_weight", self.kl_weight, on_step=False, on_epoch=True, batch_size=batch_size)
         return output.loss
 

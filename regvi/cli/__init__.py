@@ -1,0 +1,1 @@
+"""The ``regvi`` command line (a thin layer over the library)."""

@@ -1,0 +1,218 @@
+"""``regvi``: a typer app whose ``train`` command hands its arguments to Hydra.
+
+The CLI only composes configuration, calls library functions and turns
+:class:`~regvi.errors.RegviError` into a one-line message and a non-zero exit. Set
+``REGVI_DEBUG=1`` or pass ``--debug`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import typer
+
+from regvi.errors import ConfigError, RegviError
+
+app = typer.Typer(
+    name="regvi",
+    help="Train Bayesian scVI-style models of single-cell RNA (and RNA+ATAC) counts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Hydra flags that take a value, and those that do not (everything else is an override).
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+}
+_BARE_FLAGS = {"--multirun", "-m", "--resolve", "--run", "-r"}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
+
+
+def config_dir() -> Path:
+    """The shipped ``conf/`` directory (inside the wheel, or the source checkout's)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").exists():
+            return candidate
+    raise RegviError(f"regvi's config directory was not found next to {here}")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("REGVI_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` on one line to stderr and exit."""
+    first = " ".join(str(message).split())
+    typer.echo(f"error: {first}", err=True)
+    raise SystemExit(code)
+
+
+def split_arguments(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate Hydra overrides from Hydra flags (flag -> value, '' for bare flags)."""
+    overrides: list[str] = []
+    flags: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg in _BARE_FLAGS or arg in _INFO_FLAGS:
+            flags[arg] = ""
+        elif name in _VALUE_FLAGS and eq:
+            flags[name] = value
+        elif arg in _VALUE_FLAGS:
+            flags[arg] = args[i + 1] if i + 1 < len(args) else ""
+            i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, flags
+
+
+def _hydra_error_message(exc: Exception) -> str:
+    text = str(exc)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match:
+        from regvi.config import unknown_key_message
+
+        cause = str(exc.__cause__ or "").strip().splitlines()
+        if "not in struct" in text + " ".join(cause):
+            return unknown_key_message(match.group(1).lstrip("+~"))
+        return f"{text.splitlines()[0]} {cause[0] if cause else ''}".strip()
+    match = re.search(r"Could not (?:load|find) '([^']+)'", text) or re.search(
+        r"In '[^']+': Could not find '([^']+)'", text
+    )
+    if match:
+        group, _, option = match.group(1).rpartition("/")
+        return f"unknown choice '{option}' for config group '{group}'" + (
+            f" ({text.split('Available options:')[1].split(chr(10) + chr(10))[0].strip()})"
+            if "Available options:" in text
+            else ""
+        )
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def prevalidate(overrides: list[str], flags: dict[str, str]) -> None:
+    """Compose the config as Hydra will and validate it against the schema, so a typo or a
+    wrong type fails in one line before Hydra creates a run directory or reads data.
+
+    A sweep override (``a=1,2``) is checked with each of its values.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from regvi.config import validate_config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # OverrideParseException: a malformed override
+        raise ConfigError(f"cannot parse override: {str(exc).splitlines()[0]}") from None
+    fixed, sweeps = [], []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            prefix = o.input_line.split(o.key_or_group)[0]
+            sweeps.append([f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()])
+        else:
+            fixed.append(o.input_line)
+    variants = [fixed] + [fixed + [v] for sweep in sweeps for v in sweep]
+    search = []
+    if flags.get("--config-dir") or flags.get("-cd"):
+        user_dir = Path(flags.get("--config-dir") or flags["-cd"]).expanduser().resolve()
+        search = [f"hydra.searchpath=[file://{user_dir}]"]
+    name = flags.get("--config-name") or flags.get("-cn") or "train"
+    for variant in variants if sweeps else [fixed]:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="regvi"):
+                cfg = compose(config_name=name, overrides=variant + search)
+        except Exception as exc:
+            raise ConfigError(_hydra_error_message(exc)) from None
+        finally:
+            GlobalHydra.instance().clear()
+        validate_config(cfg)
+
+
+def _run_hydra(args: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def _task(cfg: DictConfig) -> None:
+        from regvi.workflow import train
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        try:
+            train(cfg, run_dir)
+        except RegviError as exc:
+            if debug_enabled() or hc.mode == RunMode.MULTIRUN:
+                raise  # in a sweep Hydra records this job as failed and goes on
+            fail(str(exc))
+        print(run_dir, flush=True)
+
+    sys.argv = ["regvi train", *args]
+    _task()
+
+
+@app.command(
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+    help="Train a model. Arguments are Hydra overrides and flags: key=value, -m (sweep), "
+    "--cfg job, --config-dir DIR, --help (lists config groups and every key).",
+)
+def train(ctx: typer.Context) -> None:
+    args = list(ctx.args)
+    debug = "--debug" in args
+    if debug:
+        os.environ["REGVI_DEBUG"] = "1"
+        args = [a for a in args if a != "--debug"]
+    overrides, flags = split_arguments(args)
+    try:
+        if not set(flags) & _INFO_FLAGS:
+            prevalidate(overrides, flags)
+        _run_hydra(args)
+    except RegviError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc))
+
+
+@app.callback()
+def _main() -> None:
+    """regvi: Bayesian scVI-style models of single-cell counts, trained from one command.
+
+    Run `regvi train --help` for the configuration groups and keys.
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

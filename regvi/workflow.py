@@ -1,0 +1,172 @@
+"""``train(cfg, run_dir)``: the whole ``regvi train`` run as a library function.
+
+The CLI composes the config with Hydra and calls this; tests and notebooks call it directly
+with a config from :func:`regvi.config.validate_config` (or any mapping fitting the schema).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from regvi import tracking
+from regvi.config import validate_config
+from regvi.data.io import read_h5ad
+from regvi.errors import RegviError
+from regvi.model import AmbientRegularizedSCVI
+from regvi.outputs import (
+    FIGURES_DIR,
+    HISTORY_CSV,
+    MODEL_DIR,
+    RESULTS_H5AD,
+    write_csv_atomic,
+    write_h5ad_atomic,
+)
+
+log = logging.getLogger("regvi")
+LATENT_KEY = "X_regvi"
+NORMALIZED_LAYER = "regvi_normalized"
+
+
+def load_input(cfg: DictConfig) -> ad.AnnData:
+    """The input AnnData: ``data.path`` or, when null, the built-in simulated dataset."""
+    if cfg.data.path is None:
+        from regvi.datasets import simulate
+
+        s = cfg.data.simulate
+        adata, _ = simulate(
+            n_cells=s.n_cells,
+            n_genes=s.n_genes,
+            n_cell_types=s.n_cell_types,
+            n_batches=s.n_batches,
+            seed=s.seed,
+        )
+        return adata
+    return read_h5ad(cfg.data.path)
+
+
+def _covariate_arguments(cfg: DictConfig) -> dict[str, Any]:
+    covariates = OmegaConf.to_container(cfg.covariates, resolve=True)
+    if cfg.data.path is None and not any(covariates.values()):
+        # The built-in dataset's batches are its libraries.
+        covariates["batch_key"] = "batch"
+    return covariates
+
+
+def train(cfg: DictConfig | dict, run_dir: str | Path) -> Path:
+    """Train the configured model and write every output into ``run_dir``; return it.
+
+    Outputs: ``results.h5ad`` (input cells + ``obsm["X_regvi"]``, ``obsm["X_umap"]`` and the
+    ``regvi_normalized`` layer), ``model/`` (weights + metadata, readable by
+    :meth:`AmbientRegularizedSCVI.load`), ``history.csv`` and ``figures/*.png``.
+    Raises :class:`~regvi.errors.RegviError` subclasses for bad configuration or data.
+    """
+    cfg = validate_config(cfg)
+    run_dir = Path(run_dir)
+    if (run_dir / RESULTS_H5AD).exists():
+        raise RegviError(f"{run_dir} already holds {RESULTS_H5AD}; choose a new run directory")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    adata = load_input(cfg)
+    labels_key = cfg.data.labels_key
+    if labels_key is None and cfg.data.path is None:
+        labels_key = "cell_type"
+    AmbientRegularizedSCVI.setup_anndata(
+        adata, layer=cfg.data.layer, labels_key=labels_key, **_covariate_arguments(cfg)
+    )
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    model = AmbientRegularizedSCVI(adata, **model_kwargs)
+    log.info(
+        "data: %d cells x %d genes; model: n_latent=%d n_hidden=%d n_layers=%d",
+        adata.n_obs,
+        adata.n_vars,
+        cfg.model.n_latent,
+        cfg.model.n_hidden,
+        cfg.model.n_layers,
+    )
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = tracking.make_logger(cfg, run_dir)
+    t = cfg.trainer
+    model.train(
+        max_epochs=t.max_epochs,
+        batch_size=cfg.data.batch_size,
+        validation_batch_size=cfg.data.validation_batch_size,
+        train_size=cfg.data.train_size,
+        num_workers=cfg.data.num_workers,
+        early_stopping=t.early_stopping,
+        early_stopping_patience=t.early_stopping_patience,
+        early_stopping_min_delta_per_feature=t.early_stopping_min_delta_per_feature,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        eps=t.eps,
+        kl_warmup_fraction=t.kl_warmup_fraction,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        split_seed=cfg.seed,
+        logger=logger,
+        enable_progress_bar=t.enable_progress_bar,
+    )
+    write_outputs(model, adata, cfg, run_dir, logger, labels_key)
+    tracking.finish(logger)
+    return run_dir
+
+
+def write_outputs(
+    model: AmbientRegularizedSCVI,
+    adata: ad.AnnData,
+    cfg: DictConfig,
+    run_dir: Path,
+    logger: Any = False,
+    labels_key: str | None = None,
+) -> dict[str, Path]:
+    """Compute latent / normalized expression / UMAP and write results, model, history and
+    figures into ``run_dir`` (each atomically), with a progress bar."""
+    from regvi import plots
+
+    o = cfg.outputs
+    steps = ["latent", "normalized expression", "UMAP + figures", "model", RESULTS_H5AD]
+    written: dict[str, Path] = {}
+    figures: dict[str, Path] = {}
+    bar = tqdm(steps, desc="writing outputs", disable=not cfg.trainer.enable_progress_bar)
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step == "latent":
+            adata.obsm[LATENT_KEY] = model.get_latent_representation(batch_size=o.batch_size)
+        elif step == "normalized expression" and o.normalized_expression:
+            out = np.empty((adata.n_obs, adata.n_vars), dtype=np.float32)
+            model.get_normalized_expression(
+                library_size=o.normalized_library_size, batch_size=o.batch_size, out=out
+            )
+            adata.layers[NORMALIZED_LAYER] = out
+        elif step == "UMAP + figures" and o.figures:
+            fig_dir = run_dir / FIGURES_DIR
+            fig_dir.mkdir(exist_ok=True)
+            figures["loss_curves"] = plots.plot_loss_curves(
+                model.history, fig_dir / "loss_curves.png"
+            )
+            plots.compute_umap(adata, use_rep=LATENT_KEY, seed=cfg.seed)
+            keys = [k for k in (model.covariates.keys.library_key, labels_key) if k]
+            figures["umap"] = plots.plot_embedding(
+                adata, keys, fig_dir / "umap.png", title_prefix="regvi latent: "
+            )
+            written.update(figures)
+        elif step == "model":
+            written["model"] = model.save(run_dir / MODEL_DIR, overwrite=True)
+            written["history"] = write_csv_atomic(model.history, run_dir / HISTORY_CSV)
+        elif step == RESULTS_H5AD:
+            adata.uns["regvi_config"] = OmegaConf.to_yaml(cfg)
+            written["results"] = write_h5ad_atomic(adata, run_dir / RESULTS_H5AD)
+    tracking.log_figures(logger, figures)
+    log.info("outputs written to %s", os.fspath(run_dir))
+    return written
