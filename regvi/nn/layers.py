@@ -12,8 +12,6 @@ math, no dense one-hot tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -84,7 +82,9 @@ class FCLayers(nn.Module):
         self.dropouts = nn.ModuleList(
             nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity() for _ in range(n_layers)
         )
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.linears = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        )
         self.injections = nn.ModuleList(
             CategoricalInjection(n_categories, n_hidden) for _ in range(n_layers)
         )
@@ -95,7 +95,7 @@ class FCLayers(nn.Module):
 
     def forward(self, x: torch.Tensor, cat_codes: torch.Tensor | None = None) -> torch.Tensor:
         for dropout, linear, inject, norm, act in zip(
-            self.dropouts, self.linears, self.injections, self.norms, self.activations
+            self.dropouts, self.linears, self.injections, self.norms, self.activations, strict=True
         ):
             x = act(norm(linear(dropout(x)) + inject(cat_codes)))
         return x
@@ -165,8 +165,3 @@ class Decoder(nn.Module):
         for linear in self.layers.linears:
             total = total + linear.weight.pow(2).sum()
         return total
-
-
-def total_categories(sizes: Sequence[int]) -> int:
-    """Number of embedding rows for keys with ``sizes`` categories."""
-    return int(sum(sizes))

@@ -1,0 +1,116 @@
+"""Structure and scaling of the model's parts."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from regvi.module import FeatureScaling, LibraryPrior, RegularizedVAE
+from regvi.module.components import AmbientBackground
+from regvi.nn import FCLayers
+
+
+def make_module(n_genes=30, n_groups=2, **kw):
+    prior = LibraryPrior(np.array([7.0, 7.5]), np.array([0.2, 0.3]))
+    return RegularizedVAE(
+        n_genes,
+        prior,
+        n_latent=4,
+        n_hidden=16,
+        n_ambient_categories=n_groups,
+        n_feature_scaling_categories=0,
+        n_dispersion_groups=n_groups,
+        **kw,
+    )
+
+
+def make_batch(n_cells, n_genes=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.randint(0, 2, (n_cells,), generator=g)
+    return {
+        "x": torch.poisson(torch.full((n_cells, n_genes), 5.0), generator=g),
+        "ambient": groups[:, None],
+        "feature_scaling": torch.zeros(n_cells, 0, dtype=torch.long),
+        "nn_conditioning": torch.zeros(n_cells, 0, dtype=torch.long),
+        "encoder": torch.zeros(n_cells, 0, dtype=torch.long),
+        "dispersion": groups,
+        "library_size": groups,
+        "continuous": torch.zeros(n_cells, 0),
+    }
+
+
+def test_global_penalty_scales_as_one_over_n_and_ignores_minibatch_size():
+    torch.manual_seed(0)
+    module = make_module(regularise_ambient=True)
+    module.train()
+    n = 10_000
+    small = module.loss(make_batch(16), n_obs=n).terms["global_penalty"]
+    large = module.loss(make_batch(64, seed=1), n_obs=n).terms["global_penalty"]
+    doubled = module.loss(make_batch(16), n_obs=2 * n).terms["global_penalty"]
+    assert small.item() != 0
+    torch.testing.assert_close(small, large)  # B does not enter the global terms
+    torch.testing.assert_close(doubled, small / 2)  # 1/N
+    # and the parts add up to the total
+    out = module.loss(make_batch(16), n_obs=n)
+    parts = sum(v for k, v in out.terms.items() if k.endswith(("_penalty", "_kl", "_l2")))
+    torch.testing.assert_close(parts - out.terms["global_penalty"], out.terms["global_penalty"])
+
+
+def test_loss_is_local_mean_plus_global_over_n():
+    torch.manual_seed(0)
+    module = make_module()
+    module.eval()  # deterministic
+    batch = make_batch(32)
+    out = module.loss(batch, n_obs=1000, kl_weight=0.25)
+    t = out.terms
+    expected = t["reconstruction_loss"] + 0.25 * t["kl_z"] + t["kl_library"] + t["global_penalty"]
+    torch.testing.assert_close(out.loss, expected)
+    elbo = t["reconstruction_loss"] + t["kl_z"] + t["kl_library"] + t["global_penalty"]
+    torch.testing.assert_close(out.elbo, elbo)
+
+
+def test_dropout_is_on_layer_inputs_and_layernorm_is_used():
+    layers = FCLayers(n_in=200, n_hidden=50, n_layers=2, dropout_rate=0.5)
+    seen = []
+    for linear in layers.linears:
+        linear.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    layers.train()
+    x = torch.rand(64, 200) + 0.1  # strictly positive: any zero comes from dropout
+    layers(x)
+    assert (seen[0] == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+    assert len(seen) == 2 and (seen[1] == 0).any()
+    norms = [m for m in layers.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 and not any(isinstance(m, nn.BatchNorm1d) for m in layers.modules())
+    # block order: dropout -> linear -> layernorm -> activation
+    block = [type(m).__name__ for m in (layers.dropouts[0], layers.linears[0], layers.norms[0])]
+    assert block == ["Dropout", "Linear", "LayerNorm"]
+    layers.eval()
+    seen.clear()
+    layers(x)
+    assert not (seen[0] == 0).any()
+
+
+def test_module_has_no_dead_decoder_heads_and_softplus_output():
+    module = make_module()
+    names = set(module.state_dict())
+    assert not any("px_r_decoder" in n or "dropout_decoder" in n for n in names)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in module.modules())
+    rho = module.rna.decoder(torch.randn(8, 4) * 10)
+    assert (rho >= 0).all() and not torch.allclose(rho.sum(-1), torch.ones(8))
+
+
+def test_feature_scaling_is_product_over_keys_and_starts_near_one():
+    fs = FeatureScaling(n_categories=5, n_features=3)
+    codes = torch.tensor([[0, 3], [1, 4]])
+    y = fs.per_cell(codes)
+    torch.testing.assert_close(y, torch.full((2, 3), (np.log(2) / 0.7) ** 2))
+    assert fs.factors()[0, 0].item() == pytest.approx(0.990, abs=1e-3)
+    no_cov = FeatureScaling(0, 3)
+    assert no_cov.per_cell(torch.zeros(4, 0, dtype=torch.long)).shape == (1, 3)
+
+
+def test_ambient_sums_over_keys():
+    amb = AmbientBackground(3, 2, init_log_ambient=np.log(np.array([[1.0, 2], [3, 4], [5, 6]])))
+    with torch.no_grad():
+        amb.log_ambient.copy_(torch.log(torch.tensor([[1.0, 2], [3, 4], [5, 6]])))
+    torch.testing.assert_close(amb.per_cell(torch.tensor([[0, 2]])), torch.tensor([[6.0, 8.0]]))

@@ -1,0 +1,89 @@
+"""The Python API: train, outputs, save/load, new data."""
+
+import anndata as ad
+import numpy as np
+import pytest
+from sklearn.metrics import silhouette_score
+
+from regvi import AmbientRegularizedSCVI, DataError, RegviError
+from regvi.datasets import simulate
+
+from .conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    adata, _ = simulate(n_cells=600, n_genes=120, n_cell_types=3, n_batches=2, seed=1)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = AmbientRegularizedSCVI(adata, n_latent=5, n_hidden=32)
+    model.train(max_epochs=15, batch_size=64, enable_progress_bar=False)
+    return adata, model
+
+
+def test_outputs_have_expected_shapes(trained):
+    adata, model = trained
+    z = model.get_latent_representation()
+    assert z.shape == (600, 5) and np.isfinite(z).all()
+    norm = model.get_normalized_expression(library_size=1e4)
+    np.testing.assert_allclose(norm.sum(1), 1e4, rtol=1e-4)
+    subset = model.get_normalized_expression(gene_list=["gene_3", "gene_7"], library_size=1e4)
+    np.testing.assert_allclose(subset, norm[:, [3, 7]], rtol=1e-5)
+    mu = model.get_normalized_expression(library_size="latent")
+    assert mu.shape == norm.shape and (mu > 0).all()
+    history = model.history
+    assert {"loss_train", "loss_validation", "kl_z_train", "dispersion_penalty_train"} <= set(
+        history.columns
+    )
+    assert history["kl_weight"].iloc[-1] == pytest.approx(1.0)
+
+
+def test_save_load_reproduces_latent(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    with pytest.raises(RegviError, match="already holds"):
+        model.save(tmp_path / "m")
+    loaded = AmbientRegularizedSCVI.load(tmp_path / "m", adata)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
+    )
+    no_data = AmbientRegularizedSCVI.load(tmp_path / "m")
+    np.testing.assert_allclose(
+        no_data.get_latent_representation(adata), model.get_latent_representation(), atol=1e-6
+    )
+
+
+def test_new_data_is_matched_by_gene_name_and_checked(trained):
+    adata, model = trained
+    z = model.get_latent_representation()
+    shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)].copy()
+    np.testing.assert_allclose(model.get_latent_representation(shuffled), z, atol=1e-5)
+    with pytest.raises(DataError, match="10 of the model's 120 genes are missing"):
+        model.get_latent_representation(adata[:, 10:].copy())
+    unseen = adata.copy()
+    unseen.obs["batch"] = unseen.obs["batch"].cat.rename_categories({"batch_0": "new_lane"})
+    with pytest.raises(DataError, match="'new_lane' not seen"):
+        model.get_latent_representation(unseen)
+
+
+def test_model_needs_setup_and_rejects_unknown_arguments():
+    adata, _ = simulate(n_cells=60, n_genes=20, n_cell_types=2, n_batches=2, seed=0)
+    with pytest.raises(RegviError, match="setup_anndata"):
+        AmbientRegularizedSCVI(adata)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(RegviError, match="n_latnet"):
+        AmbientRegularizedSCVI(adata, n_latnet=3)
+    with pytest.raises(DataError, match="larger than the 54 training cells"):
+        AmbientRegularizedSCVI(adata).train(max_epochs=1, batch_size=500)
+
+
+def test_real_pbmc_labels_separate_better_than_technologies():
+    adata = ad.read_h5ad(shared_file("pbmc_3tech_symphony_1500.h5ad"))
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = AmbientRegularizedSCVI(adata)
+    model.train(max_epochs=40, batch_size=128, enable_progress_bar=False)
+    z = model.get_latent_representation()
+    label_sil = silhouette_score(z, adata.obs["cell_type"])
+    batch_sil = silhouette_score(z, adata.obs["batch"])
+    assert label_sil > batch_sil, (label_sil, batch_sil)
+    held_out = model.history["elbo_validation"]
+    assert held_out.iloc[-1] < 0.9 * held_out.iloc[0]
