@@ -1,18 +1,17 @@
-"""Writing run outputs atomically: results files, history, figures.
+"""Writing run outputs atomically.
 
-Every file is written under a temporary name in its final directory and renamed into place,
-so an interrupted run never leaves a truncated results file behind.
+Every file is written under a temporary name in its final directory and renamed into place
+(atomic on POSIX), so an interrupted run never leaves a truncated results file behind.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import anndata as ad
 import pandas as pd
-
-from regvi.model.base import atomic_write_bytes
 
 RESULTS_H5AD = "results.h5ad"
 HISTORY_CSV = "history.csv"
@@ -20,23 +19,24 @@ FIGURES_DIR = "figures"
 MODEL_DIR = "model"
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
-    """Write ``adata`` to ``path`` (gzip-free, fast) via a temporary file and a rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` for a temporary file beside ``path`` (same suffix, so writers that
+    pick a format from it still work), then rename it to ``path``. On failure the temporary
+    file is removed and ``path`` is untouched."""
     path = Path(path)
-
-    def _write(tmp: Path) -> None:
-        adata.write_h5ad(tmp)
-
-    # anndata picks the format from the suffix; keep .h5ad on the temporary name.
-    tmp_target = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5ad")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        _write(tmp_target)
-        os.replace(tmp_target, path)
+        write(tmp)
+        os.replace(tmp, path)
     finally:
-        if tmp_target.exists():
-            tmp_target.unlink()
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
+    return atomic_write(path, adata.write_h5ad)
+
+
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
-    return atomic_write_bytes(Path(path), lambda p: frame.to_csv(p, index=False))
+    return atomic_write(path, lambda p: frame.to_csv(p, index=False))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from regvi.errors import DataError
+from regvi.outputs import atomic_write
 
 __all__ = ["plot_loss_curves", "compute_umap", "plot_embedding"]
 
@@ -34,18 +34,13 @@ _MISSING_COLOR = "#d3d3d3"
 
 
 def _save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
+    """Write ``fig`` as PNG to ``path`` atomically (see :func:`regvi.outputs.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
     FigureCanvasAgg(fig)
-    try:
-        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+    )
 
 
 def _grid(n_panels: int, max_cols: int) -> tuple[int, int]:

@@ -4,9 +4,8 @@ batching, persistence. Model classes add data set-up and the module they build."
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from regvi.data.loader import CsrMinibatchDataset, make_dataloader, stratified_split
 from regvi.errors import DataError, RegviError
+from regvi.outputs import atomic_write
 from regvi.train import HistoryCallback, TrainingPlan
 
 MODEL_WEIGHTS = "model.pt"
@@ -27,22 +27,6 @@ MODEL_METADATA = "model.json"
 def default_max_epochs(n_cells: int) -> int:
     """scvi-tools' heuristic: ``min(round(20000 / n_cells * 400), 400)`` epochs."""
     return int(max(1, min(round(20000 / max(n_cells, 1) * 400), 400)))
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in ``path``'s directory, then rename.
-
-    A rename within one directory is atomic on POSIX, so ``path`` is either absent or complete.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 class BaseModel:
@@ -234,7 +218,7 @@ class BaseModel:
             raise RegviError(f"{out} already holds a saved model; pass overwrite=True")
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        atomic_write_bytes(out / MODEL_WEIGHTS, lambda p: torch.save(state, p))
+        atomic_write(out / MODEL_WEIGHTS, lambda p: torch.save(state, p))
         meta = self._metadata()
         meta.update(
             {
@@ -243,9 +227,9 @@ class BaseModel:
                 "n_obs_training": self.n_obs_training_,
             }
         )
-        atomic_write_bytes(out / MODEL_METADATA, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        atomic_write(out / MODEL_METADATA, lambda p: p.write_text(json.dumps(meta, indent=1)))
         if self.history_ is not None:
-            atomic_write_bytes(out / "history.csv", lambda p: self.history_.to_csv(p, index=False))
+            atomic_write(out / "history.csv", lambda p: self.history_.to_csv(p, index=False))
         return out
 
     @staticmethod
