@@ -37,6 +37,22 @@ def test_outputs_have_expected_shapes(trained):
     assert history["kl_weight"].iloc[-1] == pytest.approx(1.0)
 
 
+def test_early_stopping_stops_a_run_that_stopped_improving():
+    adata, _ = simulate(n_cells=300, n_genes=40, n_cell_types=2, n_batches=2, seed=2)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    model = AmbientRegularizedSCVI(adata, n_latent=3, n_hidden=16)
+    # min_delta per feature of 1 count: only the first few epochs improve by that much
+    model.train(
+        max_epochs=200,
+        batch_size=64,
+        early_stopping=True,
+        early_stopping_patience=2,
+        early_stopping_min_delta_per_feature=1.0,
+        enable_progress_bar=False,
+    )
+    assert len(model.history) < 200
+
+
 def test_save_load_reproduces_latent(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")
