@@ -173,6 +173,9 @@ class BaseModel:
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
             trainer.fit(plan, train_loader, val_loader)
+        # Lightning moves the module back to the CPU at teardown; inference (latent,
+        # normalized expression) should run on the accelerator that trained it.
+        self.module.to(trainer.strategy.root_device)
         self.module.eval()
         self.history_ = history.to_frame()
         self.trainer_ = trainer
