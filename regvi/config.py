@@ -101,6 +101,7 @@ class TrainerConfig:
     early_stopping_min_delta_per_feature: float = 2e-4
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
+    checkpoint_every_n_epochs: int = 1
 
 
 @dataclass
@@ -131,6 +132,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     seed: int = 0
+    resume: str | None = None
+    overwrite: bool = False
 
 
 _CHOICES = {
