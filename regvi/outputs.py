@@ -17,6 +17,8 @@ RESULTS_H5AD = "results.h5ad"
 HISTORY_CSV = "history.csv"
 FIGURES_DIR = "figures"
 MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+RUN_CONFIG = "config.yaml"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

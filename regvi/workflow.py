@@ -23,13 +23,17 @@ from regvi.data.io import read_h5ad
 from regvi.errors import RegviError
 from regvi.model import AmbientRegularizedSCVI
 from regvi.outputs import (
+    CHECKPOINT_DIR,
     FIGURES_DIR,
     HISTORY_CSV,
     MODEL_DIR,
     RESULTS_H5AD,
+    RUN_CONFIG,
+    atomic_write,
     write_csv_atomic,
     write_h5ad_atomic,
 )
+from regvi.train import LAST_CHECKPOINT
 
 log = logging.getLogger("regvi")
 LATENT_KEY = "X_regvi"
@@ -61,18 +65,54 @@ def _covariate_arguments(cfg: DictConfig) -> dict[str, Any]:
     return covariates
 
 
-def train(cfg: DictConfig | dict, run_dir: str | Path) -> Path:
+def _check_run_dir(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
+    """Refuse to clobber a finished run, or to restart an unfinished one from scratch."""
+    if (run_dir / RESULTS_H5AD).exists() and not cfg.overwrite:
+        raise RegviError(
+            f"{run_dir} already holds {RESULTS_H5AD}; choose a new run directory or set "
+            "overwrite=true"
+        )
+    checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if checkpoint.exists() and not resuming and not cfg.overwrite:
+        raise RegviError(
+            f"{run_dir} holds the checkpoint of an unfinished run; continue it with "
+            f"`regvi train resume={run_dir}` or set overwrite=true to start again"
+        )
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its saved config.
+
+    Weights, optimizer state, step counter (hence the KL warm-up position), RNG states,
+    history and the W&B run id are restored, so on the CPU with the same data the result
+    matches an uninterrupted run.
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / RUN_CONFIG
+    checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not saved.exists() or not checkpoint.exists():
+        raise RegviError(
+            f"cannot resume {run_dir}: it has no {RUN_CONFIG} and {CHECKPOINT_DIR}/"
+            f"{LAST_CHECKPOINT} (is it a regvi run directory?)"
+        )
+    if (run_dir / RESULTS_H5AD).exists():
+        raise RegviError(f"{run_dir} already finished (it holds {RESULTS_H5AD}); nothing to resume")
+    return train(OmegaConf.load(saved), run_dir, _resume_from=checkpoint)
+
+
+def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None = None) -> Path:
     """Train the configured model and write every output into ``run_dir``; return it.
 
     Outputs: ``results.h5ad`` (input cells + ``obsm["X_regvi"]``, ``obsm["X_umap"]`` and the
     ``regvi_normalized`` layer), ``model/`` (weights + metadata, readable by
-    :meth:`AmbientRegularizedSCVI.load`), ``history.csv`` and ``figures/*.png``.
-    Raises :class:`~regvi.errors.RegviError` subclasses for bad configuration or data.
+    :meth:`AmbientRegularizedSCVI.load`), ``history.csv``, ``figures/*.png``, the resolved
+    ``config.yaml`` and ``checkpoints/last.ckpt`` (for :func:`resume`).
+    Raises :class:`~regvi.errors.RegviError` subclasses for bad configuration or data; a
+    failed run writes no results file.
     """
     cfg = validate_config(cfg)
     run_dir = Path(run_dir)
-    if (run_dir / RESULTS_H5AD).exists():
-        raise RegviError(f"{run_dir} already holds {RESULTS_H5AD}; choose a new run directory")
+    _check_run_dir(cfg, run_dir, resuming=_resume_from is not None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     adata = load_input(cfg)
@@ -94,6 +134,8 @@ def train(cfg: DictConfig | dict, run_dir: str | Path) -> Path:
     )
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if _resume_from is None:
+        atomic_write(run_dir / RUN_CONFIG, lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
     logger = tracking.make_logger(cfg, run_dir)
     t = cfg.trainer
     model.train(
@@ -116,6 +158,9 @@ def train(cfg: DictConfig | dict, run_dir: str | Path) -> Path:
         split_seed=cfg.seed,
         logger=logger,
         enable_progress_bar=t.enable_progress_bar,
+        checkpoint_dir=run_dir / CHECKPOINT_DIR,
+        checkpoint_every_n_epochs=t.checkpoint_every_n_epochs,
+        resume_from=_resume_from,
     )
     write_outputs(model, adata, cfg, run_dir, logger, labels_key)
     tracking.finish(logger)

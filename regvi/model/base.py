@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from regvi.data.loader import CsrMinibatchDataset, make_dataloader, stratified_split
 from regvi.errors import DataError, RegviError
 from regvi.outputs import atomic_write
-from regvi.train import HistoryCallback, TrainingPlan
+from regvi.train import EpochCheckpoint, HistoryCallback, TrainingPlan
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_METADATA = "model.json"
@@ -81,6 +81,9 @@ class BaseModel:
         logger: Any = False,
         callbacks: list[pl.Callback] | None = None,
         enable_progress_bar: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        resume_from: str | Path | None = None,
         **trainer_kwargs: Any,
     ) -> BaseModel:
         """Train with Lightning.
@@ -108,6 +111,12 @@ class BaseModel:
             Passed to :class:`lightning.pytorch.Trainer` (``precision="bf16-mixed"`` for AMP).
         logger, callbacks, trainer_kwargs
             Extra Lightning logger / callbacks / Trainer arguments.
+        checkpoint_dir, checkpoint_every_n_epochs
+            Write ``<checkpoint_dir>/last.ckpt`` (weights, optimizer, step counter and so the
+            KL schedule, RNG states, history) before the first step and every n epochs.
+        resume_from
+            A checkpoint to continue from. With the same data, arguments and seed the
+            continued run matches an uninterrupted one.
         """
         dataset = self._dataset()
         n_cells = len(dataset)
@@ -141,6 +150,9 @@ class BaseModel:
         )
         history = HistoryCallback()
         all_callbacks: list[pl.Callback] = [history, *(callbacks or [])]
+        checkpoint = (
+            EpochCheckpoint(checkpoint_dir, checkpoint_every_n_epochs) if checkpoint_dir else None
+        )
         if early_stopping:
             if val_loader is None:
                 raise DataError("early stopping needs a validation set: set train_size below 1")
@@ -152,6 +164,8 @@ class BaseModel:
                     mode="min",
                 )
             )
+        if checkpoint is not None:
+            all_callbacks.append(checkpoint)  # last: it saves the others' state
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -172,7 +186,13 @@ class BaseModel:
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-            trainer.fit(plan, train_loader, val_loader)
+            trainer.fit(
+                plan,
+                train_loader,
+                val_loader,
+                ckpt_path=str(resume_from) if resume_from else None,
+                weights_only=True if resume_from else None,
+            )
         # Lightning moves the module back to the CPU at teardown; inference (latent,
         # normalized expression) should run on the accelerator that trained it.
         self.module.to(trainer.strategy.root_device)

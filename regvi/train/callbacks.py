@@ -1,16 +1,24 @@
-"""Lightning callbacks: per-epoch history."""
+"""Lightning callbacks: per-epoch history and crash-safe checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import lightning.pytorch as pl
 import pandas as pd
+
+from regvi.outputs import atomic_write
+
+LAST_CHECKPOINT = "last.ckpt"
 
 
 class HistoryCallback(pl.Callback):
     """Collects every epoch-level metric into :attr:`records` (one dict per epoch).
 
     Validation runs before ``on_train_epoch_end`` in Lightning 2, so each record holds the
-    epoch's training and validation values together.
+    epoch's training and validation values together. The records are part of the checkpoint,
+    so a resumed run keeps the history of the epochs before the interruption.
     """
 
     def __init__(self) -> None:
@@ -24,5 +32,43 @@ class HistoryCallback(pl.Callback):
             row[name] = float(value)
         self.records.append(row)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": list(self.records)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict["records"])
+
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame.from_records(self.records)
+
+
+class EpochCheckpoint(pl.Callback):
+    """Writes ``<dirpath>/last.ckpt`` atomically: once before the first step (so even a run
+    that fails in its first epoch leaves a loadable checkpoint), after every
+    ``every_n_epochs`` epochs and after the last one. A kill during a write leaves the
+    previous checkpoint intact. Put it last in the callback list so the checkpoint holds the
+    other callbacks' state for the finished epoch.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_epochs: int = 1):
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = max(1, int(every_n_epochs))
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / LAST_CHECKPOINT
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, trainer.save_checkpoint)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if epoch % self.every_n_epochs == 0 or last or trainer.should_stop:
+            self._save(trainer)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from regvi.errors import NonFiniteLossError
@@ -85,6 +89,42 @@ class TrainingPlan(pl.LightningModule):
         self._check_finite(output, "validation")
         self._log_terms(output, "validation", batch["x"].shape[0])
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every RNG state, so a resumed run draws the same minibatches and noise."""
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # as tensors and ints: checkpoints stay loadable with torch.load(weights_only=True)
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),  # noqa: NPY002
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        np.random.set_state(_numpy_state_from_tensors(states["numpy"]))  # noqa: NPY002
+        random.setstate(states["python"])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+
+
+def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])
