@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _new_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
 
 
 def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     """A Lightning logger for ``logger.name`` (``wandb`` | ``csv`` | ``none`` → False).
 
     W&B runs ``offline`` unless ``logger.mode=online``; its files go to ``<run_dir>/wandb``.
-    The whole resolved config is logged as hyperparameters.
+    The whole resolved config is logged as hyperparameters. The W&B run id is kept in
+    ``<run_dir>/wandb_run_id`` so a resumed run continues the same W&B run.
     """
     lcfg = cfg.logger
     if lcfg.name == "none":
@@ -27,17 +36,59 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     else:
         from lightning.pytorch.loggers import WandbLogger
 
+        group, name = sweep_group_and_name()
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
+        if not id_file.exists():
+            id_file.write_text(run_id)
         logger = WandbLogger(
+            id=run_id,
+            resume="allow",
             project=lcfg.project,
-            name=lcfg.run_name or run_dir.name,
+            name=lcfg.run_name or name or run_dir.name,
             save_dir=str(run_dir),
             entity=lcfg.entity,
-            group=lcfg.group,
+            group=lcfg.group or group,
             tags=list(lcfg.tags) or None,
             mode=lcfg.mode,
         )
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
+
+
+def sweep_group_and_name() -> tuple[str | None, str | None]:
+    """W&B group and run name for a run that is part of a sweep, else ``(None, None)``.
+
+    All runs of one sweep share a group named after the sweep; each run is named after its
+    swept overrides (``model.n_latent=64 model.n_hidden=256``). An LSF array element gets both
+    from its environment (set by ``regvi sweep run-element``); a local ``-m`` sweep from
+    Hydra's config. Outside Hydra (``regvi.workflow.train`` called directly) there is none.
+    """
+    from regvi import sweep
+
+    group = os.environ.get(sweep.ENV_SWEEP_NAME)
+    if group:
+        return group, os.environ.get(sweep.ENV_RUN_NAME) or None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None, None
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None, None
+        sweep_dir = Path(str(hc.sweep.dir))
+        keys: list[str] = []
+        multirun = sweep_dir / "multirun.yaml"
+        if multirun.exists():
+            master = OmegaConf.load(multirun)
+            keys = sweep.swept_keys(OmegaConf.select(master, "hydra.overrides.task") or [])
+        name = sweep.run_name(list(hc.overrides.task), keys) or None
+        return sweep.sweep_name(sweep_dir), name
+    except Exception as exc:  # naming is cosmetic: never fail a run over it
+        log.debug("no sweep name for W&B: %s", exc)
+        return None, None
 
 
 def log_figures(logger: Any, figures: dict[str, Path]) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -163,16 +164,63 @@ def _run_hydra(args: list[str]) -> None:
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
+        in_sweep = hc.mode == RunMode.MULTIRUN
+        if in_sweep:  # a local sweep's job records its state for `regvi sweep status`
+            from regvi.sweep import write_status
+
+            write_status(run_dir, "running", index=hc.job.num + 1)
         try:
             train(cfg, run_dir)
-        except RegviError as exc:
-            if debug_enabled() or hc.mode == RunMode.MULTIRUN:
+        except BaseException as exc:
+            if in_sweep:
+                write_status(run_dir, "failed", 1, index=hc.job.num + 1)
+            if not isinstance(exc, RegviError) or debug_enabled() or in_sweep:
                 raise  # in a sweep Hydra records this job as failed and goes on
             fail(str(exc))
+        if in_sweep:
+            write_status(run_dir, "finished", 0, index=hc.job.num + 1)
         print(run_dir, flush=True)
 
     sys.argv = ["regvi train", *args]
     _task()
+
+
+def _train_exit_code(args: list[str]) -> int:
+    """``regvi train args`` in this process (a sweep element); its exit code."""
+    try:
+        train_from_arguments(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+def train_from_arguments(args: list[str]) -> None:
+    """What ``regvi train`` does with its arguments: validate, then hand them to Hydra."""
+    debug = "--debug" in args
+    if debug:
+        os.environ["REGVI_DEBUG"] = "1"
+        args = [a for a in args if a != "--debug"]
+    overrides, flags = split_arguments(args)
+    try:
+        resume_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+        if resume_dirs and resume_dirs[0] not in ("", "null"):
+            # A resumed run reuses its saved config and directory: no Hydra composition.
+            if len(overrides) > 1 or flags:
+                raise ConfigError(
+                    "resume=<run_dir> continues a run with its saved config; "
+                    "give no other overrides or flags"
+                )
+            from regvi.workflow import resume
+
+            print(resume(Path(resume_dirs[0]).expanduser()), flush=True)
+            return
+        if not set(flags) & _INFO_FLAGS:
+            prevalidate(overrides, flags)
+        _run_hydra(args)
+    except RegviError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc))
 
 
 @app.command(
@@ -185,20 +233,68 @@ def _run_hydra(args: list[str]) -> None:
     "--cfg job, --config-dir DIR, --help (lists config groups and every key).",
 )
 def train(ctx: typer.Context) -> None:
-    args = list(ctx.args)
-    debug = "--debug" in args
-    if debug:
-        os.environ["REGVI_DEBUG"] = "1"
-        args = [a for a in args if a != "--debug"]
-    overrides, flags = split_arguments(args)
+    train_from_arguments(list(ctx.args))
+
+
+sweep_app = typer.Typer(
+    help="Inspect a sweep (`regvi train -m ...`, local or on LSF with hydra/launcher=lsf).",
+    no_args_is_help=True,
+)
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("status")
+def sweep_status(
+    sweep_dir: Annotated[Path, typer.Argument(help="The sweep directory (hydra.sweep.dir).")],
+) -> None:
+    """Which elements finished, failed, are running or pending (read from the files the
+    elements write, so no LSF command is needed). Exit code 1 when any element failed."""
+    from regvi import sweep
+
     try:
-        if not set(flags) & _INFO_FLAGS:
-            prevalidate(overrides, flags)
-        _run_hydra(args)
+        report, counts = sweep.status_report(sweep_dir)
     except RegviError as exc:
         if debug_enabled():
             raise
         fail(str(exc))
+    typer.echo(report)
+    if counts.get("failed"):
+        raise SystemExit(1)
+
+
+@sweep_app.command("summarize")
+def sweep_summarize(
+    sweep_dir: Annotated[Path, typer.Argument(help="The sweep directory (hydra.sweep.dir).")],
+) -> None:
+    """One table of each element's overrides, status and final metrics (last row of its
+    history.csv), printed and written to <sweep_dir>/summary.csv."""
+    from regvi import sweep
+
+    try:
+        table = sweep.summarize(sweep_dir)
+    except RegviError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc))
+    typer.echo(sweep.format_table(table))
+    typer.echo(Path(sweep_dir) / sweep.SUMMARY_CSV)
+
+
+@sweep_app.command("run-element", hidden=True)
+def sweep_run_element(
+    sweep_dir: Annotated[Path, typer.Argument(help="The sweep directory.")],
+    index: Annotated[int | None, typer.Option(help="Array index (default: $LSB_JOBINDEX).")] = None,
+) -> None:
+    """Run one array element (what each LSF job array element executes)."""
+    from regvi import sweep
+
+    try:
+        code = sweep.run_element(sweep_dir, index, train=_train_exit_code)
+    except RegviError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc))
+    raise SystemExit(code)
 
 
 @app.callback()

@@ -1,0 +1,577 @@
+"""Hyperparameter sweeps: LSF job arrays, element status and a summary table.
+
+``regvi train -m hydra/launcher=lsf a=1,2 b=x,y`` makes Hydra hand every combination to the
+LSF launcher plugin (``hydra_plugins/regvi_lsf_launcher``), which calls :func:`prepare_array`
+and :func:`submit_array`: it writes ``<sweep_dir>/manifest.json`` (one element per job:
+1-based array index, override list, run directory) and ``<sweep_dir>/job.sh``, then makes ONE
+``bsub -J "name[1-N]%P"`` call. Each array element runs :func:`run_element`, which picks its
+overrides from the manifest by ``$LSB_JOBINDEX`` and runs ``regvi train`` as a normal single
+run in its own directory. Overrides travel as JSON and as an argument list, never through a
+shell, so their quoting survives exactly.
+
+Every element writes ``<run_dir>/.regvi_status`` (JSON: ``state`` = running | finished |
+failed, ``exit_code``); :func:`collect` reads these (no file = pending) so ``regvi sweep
+status`` works without LSF commands, and also for a local ``-m`` sweep (basic launcher), whose
+jobs are enumerated from Hydra's ``multirun.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from regvi.errors import RegviError
+from regvi.outputs import atomic_write
+
+MANIFEST = "manifest.json"
+JOB_SCRIPT = "job.sh"
+LOG_DIR = "logs"
+STATUS_FILE = ".regvi_status"
+SUMMARY_CSV = "summary.csv"
+RESULTS_FILE = "results.h5ad"
+HISTORY_FILE = "history.csv"
+TEMPLATE_NAME = "lsf_job.sh.template"
+
+# Environment handed from run_element to the element's `regvi train` (read by regvi.tracking).
+ENV_SWEEP_DIR = "REGVI_SWEEP_DIR"
+ENV_SWEEP_NAME = "REGVI_SWEEP_NAME"
+ENV_RUN_NAME = "REGVI_RUN_NAME"
+ENV_ELEMENT_DIR = "REGVI_ELEMENT_DIR"
+
+# Overrides that only concern the sweep/launcher: an element runs without them.
+_LAUNCHER_ONLY = ("hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper")
+_LAUNCHER_ONLY += ("hydra.sweep", "hydra.mode", "hydra.run", "hydra.job.num", "hydra.job.id")
+
+_SUBMITTED = re.compile(r"Job <(\d+)> is submitted")
+
+
+class SweepError(RegviError):
+    """A sweep cannot be submitted, run or read (bsub missing or refusing, bad sweep dir...)."""
+
+
+# --------------------------------------------------------------------------------- overrides
+
+
+def override_key(override: str) -> str:
+    """``+model.n_latent=3`` -> ``model.n_latent`` (a group override ``model=rna`` -> ``model``)."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def override_value(override: str) -> str:
+    return override.partition("=")[2]
+
+
+def element_overrides(overrides: Sequence[str]) -> list[str]:
+    """A job's overrides minus those that only steer the sweep (launcher, sweep dir, mode)."""
+    kept = []
+    for o in overrides:
+        key = override_key(o)
+        if any(
+            key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in _LAUNCHER_ONLY
+        ):
+            continue
+        kept.append(o)
+    return kept
+
+
+def swept_keys(task_overrides: Sequence[str]) -> list[str]:
+    """Keys of the sweep overrides (``a=1,2``, ``b=range(3)``...) in a command line's overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    except Exception:
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def run_name(overrides: Sequence[str], keys: Sequence[str] = ()) -> str:
+    """A compact, readable rendering of a job's overrides: only the swept ``keys`` when given
+    (``model.n_latent=64 model.n_hidden=256``), else all non-hydra overrides."""
+    shown = [o for o in overrides if not override_key(o).startswith("hydra")]
+    if keys:
+        shown = [o for o in shown if override_key(o) in keys] or shown
+    return " ".join(o.lstrip("+~") for o in shown)
+
+
+def sweep_name(sweep_dir: str | Path) -> str:
+    """The sweep's name (W&B group, LSF job name): its directory's name, prefixed with the
+    date directory above it when Hydra's default ``multirun/<date>/<time>`` layout is used."""
+    path = Path(os.path.abspath(sweep_dir))
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", path.parent.name):
+        return f"{path.parent.name}_{path.name}"
+    return path.name
+
+
+def lsf_job_name(name: str) -> str:
+    """A job name that bsub's ``-J`` accepts without quoting trouble (no brackets or spaces)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "regvi"
+
+
+# ------------------------------------------------------------------------------- status files
+
+
+def write_json_atomic(data: Any, path: Path) -> Path:
+    text = json.dumps(data, indent=2) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_status(run_dir: str | Path, state: str, exit_code: int | None = None, **extra) -> None:
+    """Record an element's state in ``<run_dir>/.regvi_status`` (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {"state": state, "exit_code": exit_code, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data.update({k: v for k, v in extra.items() if v is not None})
+    write_json_atomic(data, run_dir / STATUS_FILE)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """``{"state": ..., "exit_code": ...}``; ``pending`` when the element has not started.
+
+    ``finished`` also needs ``results.h5ad``; without a status file (a sweep from before status
+    files) an existing ``results.h5ad`` counts as finished.
+    """
+    run_dir = Path(run_dir)
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text())
+    except FileNotFoundError:
+        if (run_dir / RESULTS_FILE).exists():
+            return {"state": "finished", "exit_code": 0}
+        return {"state": "pending", "exit_code": None}
+    except (OSError, ValueError):
+        return {"state": "unknown", "exit_code": None}
+    if status.get("state") == "finished" and not (run_dir / RESULTS_FILE).exists():
+        status = {**status, "state": "failed", "note": f"no {RESULTS_FILE}"}
+    return status
+
+
+# --------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"{path} not found: not an LSF sweep directory") from None
+    except ValueError as exc:
+        raise SweepError(f"{path} is not valid JSON ({exc})") from None
+
+
+@dataclass
+class ArraySpec:
+    """What the launcher needs to submit one sweep: the launcher config as plain values."""
+
+    queue: str | None = None
+    cores: int | None = None
+    memory: int | None = None
+    resources: str | None = None
+    gpu: str | None = None
+    walltime: str | None = None
+    project: str | None = None
+    job_name: str | None = None
+    max_parallel: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+    python: str | None = None
+    dry_run: bool = False
+
+    @classmethod
+    def from_config(cls, conf: Any) -> ArraySpec:
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(conf, resolve=True) if not isinstance(conf, dict) else conf
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        spec = cls(**known)
+        spec.extra_args = [str(a) for a in spec.extra_args or []]
+        spec.setup = [str(s) for s in spec.setup or []]
+        return spec
+
+
+def prepare_array(
+    sweep_dir: str | Path,
+    elements: Sequence[tuple[int, Sequence[str], str | Path]],
+    spec: ArraySpec,
+    *,
+    keys: Sequence[str] = (),
+    train_args: Sequence[str] = (),
+    cwd: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write (or extend) ``manifest.json`` and render ``job.sh``; return the manifest.
+
+    ``elements``: (job number, overrides, run dir) per job; the array index is number + 1, so
+    later batches of the same sweep extend the manifest with new indices.
+    ``train_args``: flags every element passes to ``regvi train`` (``--config-dir DIR``...).
+    """
+    sweep_dir = Path(os.path.abspath(sweep_dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / LOG_DIR).mkdir(exist_ok=True)
+    name = sweep_name(sweep_dir)
+    manifest: dict[str, Any] = {
+        "version": 1,
+        "name": name,
+        "job_name": lsf_job_name(spec.job_name or f"regvi_{name}"),
+        "sweep_dir": str(sweep_dir),
+        "cwd": str(Path(cwd or os.getcwd()).resolve()),
+        "train_args": list(train_args),
+        "swept_keys": list(keys),
+        "elements": [],
+    }
+    if (sweep_dir / MANIFEST).exists():
+        old = read_manifest(sweep_dir)
+        manifest["elements"] = list(old.get("elements", []))
+    taken = {e["index"] for e in manifest["elements"]}
+    for num, overrides, run_dir in elements:
+        index = int(num) + 1
+        if index in taken:
+            raise SweepError(f"array index {index} is already in {sweep_dir / MANIFEST}")
+        manifest["elements"].append(
+            {
+                "index": index,
+                "num": int(num),
+                "overrides": list(element_overrides(overrides)),
+                "run_name": run_name(element_overrides(overrides), keys),
+                "dir": str(Path(os.path.abspath(run_dir))),
+            }
+        )
+    manifest["elements"].sort(key=lambda e: e["index"])
+    write_json_atomic(manifest, sweep_dir / MANIFEST)
+    script = render_job_script(manifest, spec)
+    atomic_write(sweep_dir / JOB_SCRIPT, lambda tmp: tmp.write_text(script))
+    os.chmod(sweep_dir / JOB_SCRIPT, 0o755)
+    return manifest
+
+
+def template_path() -> Path:
+    """The job-script template shipped with the launcher plugin (a copy of jobs/'s)."""
+    import hydra_plugins.regvi_lsf_launcher as plugin
+
+    return Path(plugin.__file__).resolve().parent / TEMPLATE_NAME
+
+
+def render_job_script(
+    manifest: dict[str, Any], spec: ArraySpec, template: str | None = None
+) -> str:
+    """Fill the template's ``{{...}}`` fields. Only paths (shell-quoted) and the user's setup
+    lines go into the script; overrides stay in manifest.json."""
+    text = template if template is not None else template_path().read_text()
+    python = spec.python or sys.executable
+    fields = {
+        "setup": "\n".join(spec.setup) if spec.setup else "# (no setup lines)",
+        "cwd": shlex.quote(manifest["cwd"]),
+        "sweep_dir": shlex.quote(manifest["sweep_dir"]),
+        "python": shlex.quote(python),
+        "job_name": manifest["job_name"],
+    }
+    for key, value in fields.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def bsub_command(manifest: dict[str, Any], spec: ArraySpec, indices: Sequence[int]) -> list[str]:
+    """The bsub argument list for one job array over ``indices`` (script given on stdin)."""
+    lo, hi = min(indices), max(indices)
+    array = f"{manifest['job_name']}[{lo}-{hi}]"
+    if spec.max_parallel:
+        array += f"%{int(spec.max_parallel)}"
+    logs = Path(manifest["sweep_dir"]) / LOG_DIR
+    cmd = ["bsub", "-J", array]
+    if spec.queue:
+        cmd += ["-q", str(spec.queue)]
+    if spec.cores:
+        cmd += ["-n", str(int(spec.cores))]
+    if spec.memory:
+        cmd += ["-M", str(int(spec.memory))]
+    if spec.resources:
+        cmd += ["-R", str(spec.resources)]
+    if spec.gpu:
+        cmd += ["-gpu", str(spec.gpu)]
+    if spec.walltime:
+        cmd += ["-W", str(spec.walltime)]
+    if spec.project:
+        cmd += ["-P", str(spec.project)]
+    cmd += ["-o", str(logs / "%J_%I.out"), "-e", str(logs / "%J_%I.err")]
+    cmd += list(spec.extra_args)
+    return cmd
+
+
+def submit_array(
+    manifest: dict[str, Any], spec: ArraySpec, indices: Sequence[int], echo=print
+) -> str | None:
+    """Submit ``job.sh`` as one LSF job array (or only print it when ``spec.dry_run``).
+
+    Returns the LSF job id (None for a dry run). Raises :class:`SweepError` with bsub's own
+    message when bsub is missing or refuses the job.
+    """
+    cmd = bsub_command(manifest, spec, indices)
+    script_path = Path(manifest["sweep_dir"]) / JOB_SCRIPT
+    if spec.dry_run:
+        echo(f"dry run: would submit {len(indices)} elements with:")
+        echo(f"{shlex.join(cmd)} < {shlex.quote(str(script_path))}")
+        echo(f"--- {script_path} ---")
+        echo(script_path.read_text().rstrip("\n"))
+        echo("--- end ---")
+        return None
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        raise SweepError(
+            "bsub not found on PATH: run the sweep on an LSF login node, or use "
+            "hydra.launcher.dry_run=true to only print the job"
+        )
+    with script_path.open("rb") as stdin:
+        try:
+            proc = subprocess.run(
+                [exe, *cmd[1:]], stdin=stdin, capture_output=True, text=True, check=False
+            )
+        except OSError as exc:
+            raise SweepError(f"cannot run bsub: {exc}") from None
+    said = " ".join((proc.stdout + " " + proc.stderr).split())
+    match = _SUBMITTED.search(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or match is None:
+        raise SweepError(
+            f"bsub refused the job array (exit {proc.returncode}): {said or 'no message'}"
+        )
+    return match.group(1)
+
+
+# ------------------------------------------------------------------------------ an element
+
+
+def run_element(
+    sweep_dir: str | Path,
+    index: int | None = None,
+    train: Callable[[list[str]], int] | None = None,
+) -> int:
+    """Run array element ``index`` (default ``$LSB_JOBINDEX``) as ``regvi train <overrides>``
+    in its run directory and record its status there; return its exit code.
+
+    ``train(args) -> exit code`` runs ``regvi train args`` in this process (the CLI passes one,
+    saving a second interpreter start per element); by default it runs in a subprocess.
+    Either way the overrides are passed as an argument list, never through a shell.
+    """
+    sweep_dir = Path(os.path.abspath(sweep_dir))
+    if index is None:
+        raw = os.environ.get("LSB_JOBINDEX", "")
+        if not raw.isdigit() or int(raw) < 1:
+            raise SweepError(f"LSB_JOBINDEX is {raw!r}; pass the element index explicitly")
+        index = int(raw)
+    manifest = read_manifest(sweep_dir)
+    element = next((e for e in manifest["elements"] if e["index"] == index), None)
+    if element is None:
+        raise SweepError(f"element {index} is not in {sweep_dir / MANIFEST}")
+    run_dir = Path(element["dir"])
+    job_id = os.environ.get("LSB_JOBID")
+    if (run_dir / RESULTS_FILE).exists():
+        print(f"element {index} already finished: {run_dir}", flush=True)
+        write_status(run_dir, "finished", 0, index=index, job_id=job_id)
+        return 0
+    write_status(run_dir, "running", None, index=index, job_id=job_id)
+    args = [
+        *manifest.get("train_args", []),
+        *element["overrides"],
+        # the directory comes from the environment, so no path ever needs Hydra quoting
+        f"hydra.run.dir=${{oc.env:{ENV_ELEMENT_DIR}}}",
+    ]
+    env = {
+        **os.environ,
+        ENV_ELEMENT_DIR: str(run_dir),
+        ENV_SWEEP_DIR: str(sweep_dir),
+        ENV_SWEEP_NAME: manifest["name"],
+        ENV_RUN_NAME: element.get("run_name") or run_dir.name,
+    }
+    print(f"element {index}: {run_name(element['overrides'])}", flush=True)
+    try:
+        if train is None:
+            cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
+            code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
+        else:
+            os.environ.update(env)
+            if manifest.get("cwd"):
+                os.chdir(manifest["cwd"])
+            code = train(args)
+    except BaseException:
+        write_status(run_dir, "failed", 1, index=index, job_id=job_id)
+        raise
+    ok = code == 0 and (run_dir / RESULTS_FILE).exists()
+    write_status(run_dir, "finished" if ok else "failed", code, index=index, job_id=job_id)
+    return code if code else (0 if ok else 1)
+
+
+# ------------------------------------------------------------------------- reading a sweep
+
+
+@dataclass
+class Element:
+    index: int
+    num: int
+    dir: Path
+    overrides: list[str]
+    state: str = "pending"
+    exit_code: int | None = None
+    note: str = ""
+
+
+def _basic_sweep_elements(sweep_dir: Path) -> tuple[list[Element], list[str]]:
+    """Jobs of a local (basic launcher) sweep, enumerated from Hydra's multirun.yaml."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    master = OmegaConf.load(sweep_dir / "multirun.yaml")
+    task = list(OmegaConf.select(master, "hydra.overrides.task", default=[]) or [])
+    try:
+        parsed = OverridesParser.create().parse_overrides(task)
+        batches = BasicSweeper.split_arguments(parsed, None)
+        jobs = [list(job) for batch in batches for job in batch]
+    except Exception as exc:
+        raise SweepError(f"cannot read the sweep in {sweep_dir / 'multirun.yaml'}: {exc}") from None
+    dirs: dict[int, Path] = {}
+    for hydra_yaml in sweep_dir.glob("*/.hydra/hydra.yaml"):
+        try:
+            num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num")
+            dirs[int(num)] = hydra_yaml.parent.parent
+        except Exception:
+            continue
+    elements = [
+        Element(index=i + 1, num=i, dir=dirs.get(i, sweep_dir / str(i)), overrides=o)
+        for i, o in enumerate(jobs)
+    ]
+    return elements, swept_keys(task)
+
+
+def collect(sweep_dir: str | Path) -> tuple[list[Element], list[str]]:
+    """Every element of a sweep with its state, and the swept keys.
+
+    An LSF sweep is read from ``manifest.json``, a local one from ``multirun.yaml``.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SweepError(f"sweep directory {sweep_dir} not found")
+    if (sweep_dir / MANIFEST).exists():
+        manifest = read_manifest(sweep_dir)
+        elements = [
+            Element(e["index"], e["num"], Path(e["dir"]), list(e["overrides"]))
+            for e in manifest["elements"]
+        ]
+        keys = list(manifest.get("swept_keys", []))
+    elif (sweep_dir / "multirun.yaml").exists():
+        elements, keys = _basic_sweep_elements(sweep_dir)
+    else:
+        raise SweepError(f"{sweep_dir} holds neither {MANIFEST} nor multirun.yaml: not a sweep")
+    logs = sweep_dir / LOG_DIR
+    for e in elements:
+        status = read_status(e.dir)
+        e.state = status.get("state", "unknown")
+        e.exit_code = status.get("exit_code")
+        e.note = status.get("note", "")
+        if e.state == "pending" and logs.is_dir() and any(logs.glob(f"*_{e.index}.err")):
+            e.state, e.note = "unknown", "started but wrote no status; see its log"
+    return elements, keys
+
+
+def status_report(sweep_dir: str | Path) -> tuple[str, dict[str, int]]:
+    """A readable status report and the count per state."""
+    elements, keys = collect(sweep_dir)
+    counts: dict[str, int] = {}
+    for e in elements:
+        counts[e.state] = counts.get(e.state, 0) + 1
+    order = ("finished", "running", "pending", "failed", "unknown")
+    head = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
+    lines = [f"{sweep_dir}: {len(elements)} elements: {head or 'none'}"]
+    for e in elements:
+        code = "" if e.exit_code is None else f" (exit {e.exit_code})"
+        note = f" [{e.note}]" if e.note else ""
+        lines.append(f"  [{e.index}] {e.state:<8}{code} {run_name(e.overrides, keys)}{note}")
+    failed = [e for e in elements if e.state == "failed"]
+    if failed and (Path(sweep_dir) / LOG_DIR).is_dir():
+        lines.append(f"  logs of failed elements: {Path(sweep_dir) / LOG_DIR}/<jobid>_<index>.err")
+    return "\n".join(lines), counts
+
+
+def override_values(overrides: Sequence[str]) -> dict[str, Any]:
+    """Key -> value of each override, unquoted as Hydra reads it (``'x, y'`` -> ``x, y``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values: dict[str, Any] = {}
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            value = parser.parse_override(o).value()
+        except Exception:
+            value = override_value(o)
+        if isinstance(value, list | dict):
+            value = json.dumps(value)
+        values[override_key(o)] = value
+    return values
+
+
+def _override_columns(elements: Sequence[Element], keys: Sequence[str]) -> list[str]:
+    """Override keys shown as columns: those swept, else those whose value differs, else all."""
+    all_keys: list[str] = []
+    for e in elements:
+        for o in e.overrides:
+            k = override_key(o)
+            if not k.startswith("hydra") and k not in all_keys:
+                all_keys.append(k)
+    if keys:
+        return [k for k in all_keys if k in keys] or list(keys)
+    values = [{override_key(o): override_value(o) for o in e.overrides} for e in elements]
+    varying = [k for k in all_keys if len({v.get(k) for v in values}) > 1]
+    return varying or all_keys
+
+
+def summarize(sweep_dir: str | Path):
+    """One row per element: index, state, its overrides (a column per key), the final row of
+    its ``history.csv`` and its run dir. Written to ``<sweep_dir>/summary.csv`` (atomically)."""
+    import pandas as pd
+
+    from regvi.outputs import write_csv_atomic
+
+    elements, keys = collect(sweep_dir)
+    columns = _override_columns(elements, keys)
+    rows = []
+    for e in elements:
+        row: dict[str, Any] = {"index": e.index, "status": e.state, "exit_code": e.exit_code}
+        given = override_values(e.overrides)
+        for k in columns:
+            row[k] = given.get(k)
+        history = e.dir / HISTORY_FILE
+        if history.exists():
+            try:
+                frame = pd.read_csv(history)
+                if len(frame):
+                    row.update(frame.iloc[-1].to_dict())
+            except Exception:
+                pass
+        row["run_dir"] = str(e.dir)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "run_dir" in table:
+        table = table[[c for c in table.columns if c != "run_dir"] + ["run_dir"]]
+    write_csv_atomic(table, Path(sweep_dir) / SUMMARY_CSV)
+    return table
+
+
+def format_table(table) -> str:
+    """The summary for a terminal: overrides, state and the validation metrics."""
+    if table.empty:
+        return "(no elements)"
+    metrics = ("epoch", "loss_validation", "elbo_validation", "reconstruction_loss_validation")
+    metrics += ("kl_z_validation",)
+    history = [c for c in table.columns if c.endswith(("_train", "_validation")) or c in metrics]
+    shown = [
+        c
+        for c in table.columns
+        if c not in ("run_dir", "exit_code", "kl_weight") and (c not in history or c in metrics)
+    ]
+    return table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}")
