@@ -111,6 +111,10 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     failed run writes no results file.
     """
     cfg = validate_config(cfg)
+    if cfg.model.name == "multimodal":
+        from regvi.workflow_multimodal import train_multimodal
+
+        return train_multimodal(cfg, run_dir, resume_from=_resume_from)
     run_dir = Path(run_dir)
     _check_run_dir(cfg, run_dir, resuming=_resume_from is not None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -122,7 +126,8 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     AmbientRegularizedSCVI.setup_anndata(
         adata, layer=cfg.data.layer, labels_key=labels_key, **_covariate_arguments(cfg)
     )
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    rna_only = ("name", "modalities")  # keys that are not AmbientRegularizedSCVI arguments
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in rna_only}
     model = AmbientRegularizedSCVI(adata, **model_kwargs)
     log.info(
         "data: %d cells x %d genes; model: n_latent=%d n_hidden=%d n_layers=%d",
