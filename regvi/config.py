@@ -102,6 +102,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
     checkpoint_every_n_epochs: int = 1
+    deterministic: bool = False
 
 
 @dataclass
@@ -134,6 +135,7 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = None
     overwrite: bool = False
+    evaluate: bool = False
 
 
 _CHOICES = {

@@ -165,9 +165,14 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
         enable_progress_bar=t.enable_progress_bar,
         checkpoint_dir=run_dir / CHECKPOINT_DIR,
         checkpoint_every_n_epochs=t.checkpoint_every_n_epochs,
+        deterministic=t.deterministic,
         resume_from=_resume_from,
     )
     write_outputs(model, adata, cfg, run_dir, logger, labels_key)
+    if cfg.evaluate:
+        from regvi.evaluate import evaluate_after_training
+
+        evaluate_after_training(cfg, run_dir, logger)
     tracking.finish(logger)
     return run_dir
 

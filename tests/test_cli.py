@@ -79,6 +79,7 @@ def test_real_data_run_opens_in_scanpy(tmp_path):
             "trainer.max_epochs=5",
             "model.n_latent=6",
             "logger=csv",
+            "evaluate=true",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         tmp_path,
@@ -97,6 +98,8 @@ def test_real_data_run_opens_in_scanpy(tmp_path):
     assert len(history) == 6 and "reconstruction_loss_validation" in history[0]
     assert (run_dir / "csv_logs" / "metrics.csv").exists()
     assert (run_dir / "model" / "model.pt").exists()
+    metrics = (run_dir / "metrics.csv").read_text()  # evaluate=true ran after training
+    assert "ilisi" in metrics.lower() and (run_dir / "figures" / "metrics.png").exists()
 
 
 def test_multirun_over_two_values(tmp_path):

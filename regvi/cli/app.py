@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from regvi.cli.evaluate_commands import register as register_evaluate
 from regvi.errors import ConfigError, RegviError
 
 app = typer.Typer(
@@ -241,6 +242,7 @@ sweep_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(sweep_app, name="sweep")
+register_evaluate(app)
 
 
 @sweep_app.command("status")

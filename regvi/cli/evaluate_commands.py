@@ -1,0 +1,135 @@
+"""The ``regvi evaluate`` and ``regvi predict`` commands (added to the app by
+:func:`register`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from regvi.errors import RegviError
+
+
+def _fail(exc: RegviError) -> None:
+    from regvi.cli.app import debug_enabled, fail
+
+    if debug_enabled():
+        raise exc
+    fail(str(exc))
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+
+
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A `regvi train` run directory.")],
+    labels_key: Annotated[
+        str | None,
+        typer.Option("--labels-key", help="obs column of cell labels (default: the run's)."),
+    ] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--baseline",
+            help="Also embed with: pca (log-normalised counts) and/or scvi (scvi-tools SCVI on "
+            "the same data and covariates; needs the bench extra). Repeat or comma-separate.",
+        ),
+    ] = None,
+    markers: Annotated[
+        Path | None,
+        typer.Option(
+            "--markers",
+            help="Marker CSV (gene,cell_type,lineage,category) for the neighbourhood "
+            "correlation; default: the shipped human immune/bone-marrow list.",
+        ),
+    ] = None,
+    n_neighbors: Annotated[int, typer.Option("--n-neighbors", help="k of the kNN graph.")] = 15,
+    subsample: Annotated[
+        int, typer.Option("--subsample", help="Max cells for the quadratic silhouette metrics.")
+    ] = 20_000,
+    scib: Annotated[
+        bool, typer.Option("--scib", help="Also run scib-metrics' Benchmarker (bench extra).")
+    ] = False,
+    baseline_epochs: Annotated[
+        int | None,
+        typer.Option("--baseline-epochs", help="Epochs of the scvi baseline (default: scvi's)."),
+    ] = None,
+    wandb: Annotated[
+        bool, typer.Option("--wandb/--no-wandb", help="Log to W&B if the run used W&B.")
+    ] = True,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
+) -> None:
+    """Integration metrics of a trained run (batch mixing, label conservation, graph
+    connectivity, neighbourhood marker correlation), optionally beside baselines.
+
+    Writes metrics.json, metrics.csv and figures/metrics.png, figures/umap_comparison.png into
+    the run directory; prints the table.
+    """
+    import os
+
+    if debug:
+        os.environ["REGVI_DEBUG"] = "1"
+    _setup_logging()
+    from regvi.evaluate import METRICS_CSV, evaluate_run, wide_table
+
+    try:
+        long = evaluate_run(
+            run_dir,
+            labels_key=labels_key,
+            baseline=baseline,
+            markers=markers,
+            n_neighbors=n_neighbors,
+            silhouette_max_cells=subsample,
+            scib=scib,
+            log_wandb=wandb,
+            baseline_max_epochs=baseline_epochs,
+            seed=seed,
+        )
+    except RegviError as exc:
+        _fail(exc)
+        return
+    typer.echo(wide_table(long).to_string(float_format=lambda v: f"{v:.3f}"))
+    typer.echo(Path(run_dir) / METRICS_CSV)
+
+
+def predict(
+    ctx: typer.Context,
+    run_dir: Annotated[Path, typer.Argument(help="A `regvi train` run directory.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Output directory (default: <run_dir>/predict/<time>)."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
+) -> None:
+    """Encode new cells with a trained model: regvi predict RUN_DIR data.path=new.h5ad
+    (optionally data.layer=counts, outputs.figures=false, seed=0). Writes results.h5ad (obsm X_regvi, X_umap,
+    layer regvi_normalized), figures and a copy of the model; prints the output directory."""
+    import os
+
+    if debug:
+        os.environ["REGVI_DEBUG"] = "1"
+    _setup_logging()
+    from regvi.predict import parse_overrides
+    from regvi.predict import predict as run_predict
+
+    try:
+        overrides = parse_overrides(list(ctx.args))
+        out = run_predict(run_dir, out_dir=out_dir, overrides=overrides)
+    except RegviError as exc:
+        _fail(exc)
+        return
+    typer.echo(str(out))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``evaluate`` and ``predict`` to ``app``."""
+    app.command("evaluate")(evaluate)
+    app.command(
+        "predict",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(predict)
