@@ -39,6 +39,9 @@ class DataConfig:
     train_size: float = 0.9
     num_workers: int = 0
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    # Multimodal (.h5mu) only: a list of modality names or {name: count layer}; null = all.
+    modalities: Any = None
+    missing_cells: str = "error"  # a cell absent from a modality: "error" or "mask"
 
 
 @dataclass
@@ -84,6 +87,9 @@ class ModelConfig:
     residual_library_encoder: bool = True
     library_w_prior_rate: float = 1.0
     decoder_weight_l2: float = 0.1
+    # Multimodal only: {modality: {option: value}} overriding the options above (n_latent,
+    # use_ambient, ...) and the covariate roles (ambient_covariate_keys, ...) per modality.
+    modalities: Any = None
 
 
 @dataclass
@@ -122,6 +128,7 @@ class OutputsConfig:
     normalized_library_size: float = 10000.0
     figures: bool = True
     batch_size: int = 1024
+    normalized_modalities: Any = None  # multimodal: modalities to write; null = all
 
 
 @dataclass
@@ -139,7 +146,7 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "model.name": ("rna",),
+    "model.name": ("rna", "multimodal"),
     "logger.name": ("wandb", "csv", "none"),
     "logger.mode": ("online", "offline", "disabled"),
     "model.activation": ("relu", "elu", "gelu", "silu", "tanh"),

@@ -450,3 +450,55 @@ def default_dataset(seed: int = 0) -> anndata.AnnData:
     """
     adata, _ = simulate(n_cells=3000, n_genes=1000, n_cell_types=6, n_batches=3, seed=seed)
     return adata
+
+
+def simulate_multiome(
+    n_cells: int = 600,
+    n_genes: int = 80,
+    n_peaks: int = 100,
+    n_cell_types: int = 4,
+    n_batches: int = 1,
+    informative: Sequence[str] = ("rna", "atac"),
+    n_latent: int = 8,
+    rna_library_log_mean: float = 8.0,
+    atac_library_log_mean: float = 7.0,
+    seed: int = 0,
+) -> tuple[anndata.AnnData, anndata.AnnData, dict[str, SimulatedTruth]]:
+    """Simulate paired RNA + ATAC counts sharing cells, with :func:`simulate` per modality.
+
+    Each modality is drawn from regvi's generative model by :func:`simulate` with the same
+    ``seed``, cell count and batches, so both share the cell order and batch labels. A modality
+    listed in ``informative`` shares the cell types (and latent states) of the others; one
+    not listed is simulated with a single cell type, so its counts carry no cell-type
+    structure (noise around one state). ATAC uses a lower library size and ``peak_<i>`` names.
+
+    Returns
+    -------
+    rna, atac : anndata.AnnData
+        Counts with ``obs`` ``batch`` and ``cell_type`` (the informative types; ``type_0``
+        for every cell when neither modality is informative).
+    truth : dict
+        ``{"rna": SimulatedTruth, "atac": SimulatedTruth}``.
+    """
+    unknown = set(informative) - {"rna", "atac"}
+    if unknown:
+        raise DataError(f"simulate_multiome: informative must name rna and/or atac, got {unknown}")
+    sizes = {"rna": (n_genes, rna_library_log_mean), "atac": (n_peaks, atac_library_log_mean)}
+    out: dict[str, anndata.AnnData] = {}
+    truth: dict[str, SimulatedTruth] = {}
+    for name, (n_features, log_mean) in sizes.items():
+        out[name], truth[name] = simulate(
+            n_cells=n_cells,
+            n_genes=n_features,
+            n_cell_types=n_cell_types if name in informative else 1,
+            n_batches=n_batches,
+            n_latent=n_latent,
+            library_log_mean=log_mean,
+            seed=seed,
+        )
+    out["atac"].var_names = [f"peak_{i}" for i in range(n_peaks)]
+    labels = out[informative[0]].obs["cell_type"] if informative else out["rna"].obs["cell_type"]
+    for adata in out.values():
+        adata.obs["cell_type"] = labels.to_numpy()
+        adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
+    return out["rna"], out["atac"], truth

@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from regvi.errors import DataError
 from regvi.outputs import atomic_write
 
-__all__ = ["plot_loss_curves", "compute_umap", "plot_embedding"]
+__all__ = ["plot_loss_curves", "compute_umap", "plot_embedding", "plot_attribution_scatter"]
 
 _SPLITS = ("train", "validation")
 _MAX_LEGEND_CATEGORIES = 30
@@ -333,5 +333,61 @@ def plot_embedding(
         ax.set_xlabel(f"{label}1", fontsize=8)
         ax.set_ylabel(f"{label}2", fontsize=8)
     for ax in axes[len(keys) :]:
+        ax.set_axis_off()
+    return _save_figure(fig, path)
+
+
+def plot_attribution_scatter(
+    adata: anndata.AnnData,
+    path: str | Path,
+    basis: str = "X_umap",
+    block: str | None = None,
+    prefix: str = "regvi_attr_share_",
+) -> Path:
+    """Scatter-plot an embedding coloured by each decoder's attribution share of one block.
+
+    One panel per decoder ``d``, coloured by ``obs[f"{prefix}{d}_z_{block}"]`` — the share of
+    the decoder's squared Jacobian norm coming from latent block ``block`` (see
+    :mod:`regvi.attribution`): with RNA and ATAC, red = the decoder follows z_rna, blue =
+    z_atac. ``block`` defaults to ``"rna"`` when present, else the first block found.
+    """
+    if basis not in adata.obsm:
+        available = ", ".join(map(str, adata.obsm.keys())) or "none"
+        raise DataError(
+            f"plot_attribution_scatter: obsm has no embedding {basis!r} (available: {available})"
+        )
+    columns = [str(c) for c in adata.obs.columns if str(c).startswith(prefix)]
+    pairs = [c[len(prefix) :].split("_z_", 1) for c in columns if "_z_" in c]
+    blocks = sorted({b for _, b in pairs})
+    if not blocks:
+        raise DataError(f"plot_attribution_scatter: obs has no {prefix}<decoder>_z_<block> column")
+    if block is None:
+        block = "rna" if "rna" in blocks else blocks[0]
+    decoders = sorted({d for d, b in pairs if b == block})
+    if not decoders:
+        raise DataError(f"plot_attribution_scatter: no attribution column for block {block!r}")
+    coords = np.asarray(adata.obsm[basis], dtype=float)
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    size = float(np.clip(30_000 / max(adata.n_obs, 1), 0.3, 20.0))
+    n_rows, n_cols = _grid(len(decoders), 3)
+    fig = Figure(figsize=(5.2 * n_cols, 4.4 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, decoder in zip(axes, decoders, strict=False):
+        share = adata.obs[f"{prefix}{decoder}_z_{block}"].to_numpy(dtype=float)[order]
+        points = ax.scatter(
+            coords[order, 0],
+            coords[order, 1],
+            c=np.nan_to_num(share, nan=0.5),
+            cmap="RdBu_r",
+            vmin=0.0,
+            vmax=1.0,
+            s=size,
+            linewidths=0,
+        )
+        fig.colorbar(points, ax=ax, shrink=0.8, label=f"share of z_{block}")
+        ax.set_title(f"{decoder} decoder: attribution to z_{block}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(decoders) :]:
         ax.set_axis_off()
     return _save_figure(fig, path)

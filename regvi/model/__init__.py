@@ -1,5 +1,6 @@
 """User-facing model classes."""
 
+from regvi.model.multimodal import RegularizedMultimodalVI
 from regvi.model.rna import AmbientRegularizedSCVI
 
-__all__ = ["AmbientRegularizedSCVI"]
+__all__ = ["AmbientRegularizedSCVI", "RegularizedMultimodalVI"]

@@ -9,6 +9,7 @@ from regvi.module.components import (
     LearnedLibrarySize,
     LibraryPrior,
 )
+from regvi.module.multimodal import ModalitySpec, RegularizedMultimodalVAE
 from regvi.module.rna import RegularizedVAE
 
 __all__ = [
@@ -19,5 +20,7 @@ __all__ = [
     "LearnedLibrarySize",
     "LibraryPrior",
     "LossOutput",
+    "ModalitySpec",
+    "RegularizedMultimodalVAE",
     "RegularizedVAE",
 ]
