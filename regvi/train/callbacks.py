@@ -25,6 +25,10 @@ class HistoryCallback(pl.Callback):
         self.records: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Callbacks run before the module's own epoch-end hook: make sure the epoch's
+        # training means are logged first (idempotent).
+        if hasattr(pl_module, "log_epoch_metrics"):
+            pl_module.log_epoch_metrics("train")
         row: dict[str, float] = {"epoch": trainer.current_epoch}
         for name, value in trainer.callback_metrics.items():
             if name == "loss":

@@ -40,6 +40,10 @@ class TrainingPlan(pl.LightningModule):
         self.n_obs_training = int(n_obs_training)
         self.lr, self.weight_decay, self.eps = lr, weight_decay, eps
         self.kl_warmup_steps = int(kl_warmup_steps)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._names: dict[str, list[str]] = {}
+        self._logged: set[str] = set()
 
     @property
     def kl_weight(self) -> float:
@@ -57,37 +61,68 @@ class TrainingPlan(pl.LightningModule):
             "Try a lower learning rate (trainer.lr) or check the input counts."
         )
 
-    def _log_terms(self, output, stage: str, batch_size: int) -> None:
-        values = {f"loss_{stage}": output.loss, f"elbo_{stage}": output.elbo}
-        values.update({f"{name}_{stage}": value for name, value in output.terms.items()})
-        self.log_dict(
-            {k: v.detach() for k, v in values.items()},
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
+    # ------------------------------------------------------------------ metrics
+    # Lightning's ``self.log`` costs ~0.5 ms a call; a dozen terms a step made logging a third
+    # of the step time. Terms are instead summed on the device (one stack + add per step) and
+    # logged once per epoch; the progress bar gets the loss every step.
+    def _accumulate(self, output, stage: str, batch_size: int) -> None:
+        names = ["loss", "elbo", *output.terms]
+        values = torch.stack([output.loss, output.elbo, *output.terms.values()]).detach()
+        if stage not in self._sums:
+            self._names[stage] = names
+            self._sums[stage] = torch.zeros_like(values)
+            self._counts[stage] = 0
+        self._sums[stage] += values * batch_size
+        self._counts[stage] += batch_size
+
+    def _reset(self, stage: str) -> None:
+        self._sums.pop(stage, None)
+        self._counts.pop(stage, None)
+        self._logged.discard(stage)
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log the epoch means of every term for ``stage`` (once per epoch; summed over
+        processes under DDP, so the means cover every rank's cells)."""
+        if stage in self._logged or stage not in self._sums:
+            return
+        sums = self._sums[stage]
+        count = torch.tensor(float(self._counts[stage]), device=sums.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        means = (sums / count).tolist()
+        metrics = {
+            f"{name}_{stage}": value for name, value in zip(self._names[stage], means, strict=True)
+        }
+        if stage == "train":
+            metrics["kl_weight"] = self.kl_weight
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        self._logged.add(stage)
+
+    def on_train_epoch_start(self) -> None:
+        self._reset("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("validation")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("validation")
+
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch_metrics("train")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
         self._check_finite(output, "training")
         batch_size = batch["x"].shape[0]
-        self._log_terms(output, "train", batch_size)
-        self.log(
-            "loss",
-            output.loss.detach(),
-            prog_bar=True,
-            on_step=True,
-            on_epoch=False,
-            logger=False,
-            batch_size=batch_size,
-        )
-        self.log("kl_weight", self.kl_weight, on_step=False, on_epoch=True, batch_size=batch_size)
+        self._accumulate(output, "train", batch_size)
+        self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         return output.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
         self._check_finite(output, "validation")
-        self._log_terms(output, "validation", batch["x"].shape[0])
+        self._accumulate(output, "validation", batch["x"].shape[0])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every RNG state, so a resumed run draws the same minibatches and noise."""

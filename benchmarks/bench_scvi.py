@@ -1,0 +1,178 @@
+"""regvi vs scvi-tools SCVI: training throughput, peak RSS and held-out NLL, side by side.
+
+Each tool trains in its own subprocess (so peak RSS is its own) on the same data, with the
+same architecture (n_hidden, n_latent, n_layers), batch size and epochs, NB likelihood for
+both. 10% of the cells are held out of training entirely; held-out NLL is each tool's mean
+per-cell reconstruction NLL on them (regvi: posterior means; scvi: its
+``get_reconstruction_error``, one posterior sample).
+
+Usage::
+
+    python benchmarks/bench_scvi.py                       # simulated 10k x 2k, batch 128 and 1024
+    python benchmarks/bench_scvi.py --cells 100000 --genes 20000 --epochs 1
+    python benchmarks/bench_scvi.py --data ../shared/data/pbmc_3tech_symphony_1500.h5ad
+    python benchmarks/bench_scvi.py --accelerator gpu
+
+Needs ``pip install "regvi[bench]"`` (scvi-tools) for the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _prepare(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    import anndata as ad
+
+    if args.data:
+        adata = ad.read_h5ad(args.data)
+        label = Path(args.data).name
+    else:
+        from regvi.datasets import simulate
+
+        adata, _ = simulate(
+            n_cells=args.cells, n_genes=args.genes, n_batches=4, seed=0, return_rho=False
+        )
+        label = f"simulated {args.cells} x {args.genes}"
+    adata.obs["batch"] = adata.obs["batch"].astype("category")
+    rng = np.random.default_rng(0)
+    test = rng.random(adata.n_obs) < 0.1
+    train_path, test_path = out / "train.h5ad", out / "test.h5ad"
+    adata[~test].copy().write_h5ad(train_path)
+    adata[test].copy().write_h5ad(test_path)
+    print(f"data: {label}, {int((~test).sum())} training cells, {int(test.sum())} held out")
+    return train_path, test_path
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: after fork+exec Linux keeps
+    the parent's high-water mark there."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(tool: str, train_path: str, test_path: str, cfg: dict) -> dict:
+    import anndata as ad
+    import torch
+
+    torch.manual_seed(0)
+    adata = ad.read_h5ad(train_path)
+    test = ad.read_h5ad(test_path)
+    arch = {k: cfg[k] for k in ("n_hidden", "n_latent", "n_layers")}
+    train_kwargs = {
+        "max_epochs": cfg["epochs"],
+        "batch_size": cfg["batch_size"],
+        "train_size": 1.0,
+        "accelerator": cfg["accelerator"],
+        "devices": 1,
+        "enable_progress_bar": False,
+    }
+    if tool == "regvi":
+        from regvi import AmbientRegularizedSCVI
+
+        AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+        model = AmbientRegularizedSCVI(adata, **arch)
+        start = time.perf_counter()
+        model.train(**train_kwargs)
+        seconds = time.perf_counter() - start
+        nll = model.get_reconstruction_error(test)
+    else:
+        import scvi
+
+        scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+        model = scvi.model.SCVI(adata, gene_likelihood="nb", **arch)
+        start = time.perf_counter()
+        model.train(**train_kwargs)
+        seconds = time.perf_counter() - start
+        scvi.model.SCVI.setup_anndata(test, batch_key="batch")
+        nll = float(model.get_reconstruction_error(test)["reconstruction_loss"])
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {
+        "cells_per_s": cfg["epochs"] * adata.n_obs / seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu,
+        "heldout_nll": nll,
+    }
+
+
+def _run_worker(tool: str, train_path: Path, test_path: Path, cfg: dict) -> dict:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            tool,
+            str(train_path),
+            str(test_path),
+            json.dumps(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tool} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="an .h5ad with raw counts and obs['batch']")
+    parser.add_argument("--cells", type=int, default=10_000)
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-sizes", default="128,1024")
+    parser.add_argument("--n-hidden", type=int, default=128)
+    parser.add_argument("--n-latent", type=int, default=10)
+    parser.add_argument("--n-layers", type=int, default=1)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        tool, train_path, test_path, cfg = args.worker
+        print(json.dumps(_worker(tool, train_path, test_path, json.loads(cfg))))
+        return
+    try:
+        import scvi  # noqa: F401
+    except ImportError:
+        sys.exit('scvi-tools is not installed: pip install "regvi[bench]"')
+    with tempfile.TemporaryDirectory() as tmp:
+        train_path, test_path = _prepare(args, Path(tmp))
+        for batch_size in map(int, args.batch_sizes.split(",")):
+            cfg = {
+                "epochs": args.epochs,
+                "batch_size": batch_size,
+                "n_hidden": args.n_hidden,
+                "n_latent": args.n_latent,
+                "n_layers": args.n_layers,
+                "accelerator": args.accelerator,
+            }
+            r = _run_worker("regvi", train_path, test_path, cfg)
+            s = _run_worker("scvi", train_path, test_path, cfg)
+            print(
+                f"batch {batch_size} ({args.accelerator}, {args.epochs} epochs, "
+                f"{args.n_hidden}/{args.n_latent}/{args.n_layers}):\n"
+                f"  regvi {r['cells_per_s']:.0f} cells/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                f"peak GPU {r['peak_gpu_mb']:.0f} MB, held-out NLL {r['heldout_nll']:.1f}\n"
+                f"  scvi  {s['cells_per_s']:.0f} cells/s, peak RSS {s['peak_rss_mb']:.0f} MB, "
+                f"peak GPU {s['peak_gpu_mb']:.0f} MB, held-out NLL {s['heldout_nll']:.1f}\n"
+                f"  ratio regvi/scvi: throughput {r['cells_per_s'] / s['cells_per_s']:.2f}x, "
+                f"peak RSS {r['peak_rss_mb'] / s['peak_rss_mb']:.2f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
