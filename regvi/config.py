@@ -163,6 +163,11 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def known_key(full_key: str) -> bool:
+    """Whether ``full_key`` (dotted) is a key of the schema."""
+    return full_key in _all_keys(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+
+
 def _suggest(full_key: str) -> str:
     known = _all_keys(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     close = difflib.get_close_matches(full_key, known, n=1, cutoff=0.75)

@@ -200,3 +200,34 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     assert resume(run_dir) == run_dir and (run_dir / "results.h5ad").exists()
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)
+
+
+def test_atac_modality_missing(tmp_path):
+    import mudata
+
+    from regvi.datasets import simulate_multiome
+
+    rna, _, _ = simulate_multiome(n_cells=100, n_genes=30, n_peaks=30, seed=0)
+    path = tmp_path / "rna_only.h5mu"
+    mudata.MuData({"rna": rna}).write(path)
+    proc = run(
+        ["train", "model=multimodal", f"data.path={path}", "data.modalities=[rna,atac]", *FAST],
+        tmp_path,
+    )
+    assert_one_line_error(proc, "'atac'")
+
+
+def test_gene_mismatch_at_predict_time(tmp_path):
+    adata, _ = simulate(n_cells=200, n_genes=30, n_cell_types=2, n_batches=2, seed=0)
+    train_path = tmp_path / "train.h5ad"
+    adata.write_h5ad(train_path)
+    run_dir = tmp_path / "run"
+    args = ["train", f"data.path={train_path}", "covariates.batch_key=batch", "data.batch_size=64"]
+    trained = run(
+        [*args, "trainer.max_epochs=1", "outputs.figures=false", *FAST, f"hydra.run.dir={run_dir}"],
+        tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    adata[:, 5:].copy().write_h5ad(tmp_path / "fewer_genes.h5ad")
+    proc = run(["predict", str(run_dir), f"data.path={tmp_path / 'fewer_genes.h5ad'}"], tmp_path)
+    assert_one_line_error(proc, "5 of the model's 30 genes are missing")

@@ -91,11 +91,17 @@ def _hydra_error_message(exc: Exception) -> str:
     text = str(exc)
     match = re.search(r"Could not override '([^']+)'", text)
     if match:
-        from regvi.config import unknown_key_message
+        from regvi.config import known_key, unknown_key_message
 
         cause = str(exc.__cause__ or "").strip().splitlines()
         if "not in struct" in text + " ".join(cause):
-            return unknown_key_message(match.group(1).lstrip("+~"))
+            key = match.group(1).lstrip("+~")
+            if known_key(key):
+                return (
+                    f"config key '{key}' is not set by the selected config group; "
+                    f"add it with +{key}=..., or pick the group that defines it"
+                )
+            return unknown_key_message(key)
         return f"{text.splitlines()[0]} {cause[0] if cause else ''}".strip()
     match = re.search(r"Could not (?:load|find) '([^']+)'", text) or re.search(
         r"In '[^']+': Could not find '([^']+)'", text
