@@ -199,7 +199,8 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     (run_dir / "results.h5ad").unlink()
     assert resume(run_dir) == run_dir and (run_dir / "results.h5ad").exists()
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)
+    # offline run folders are named offline-run-<time>-<id>[-n]: both carry the same id
+    assert len(runs) == 2 and all(f"-{run_id}" in name for name in runs)
 
 
 def test_atac_modality_missing(tmp_path):
