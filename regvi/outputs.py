@@ -7,10 +7,11 @@ Every file is written under a temporary name in its final directory and renamed 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import pandas as pd
 
 RESULTS_H5AD = "results.h5ad"
@@ -36,8 +37,39 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
-    return atomic_write(path, adata.write_h5ad)
+LayerFiller = Callable[[h5py.Dataset], None]
+
+
+def write_h5ad_atomic(
+    adata: ad.AnnData,
+    path: str | Path,
+    streamed_layers: Mapping[str, LayerFiller] | None = None,
+) -> Path:
+    """Write ``adata`` to ``path`` via a temporary file and a rename.
+
+    ``streamed_layers`` maps a layer name to ``fill(dataset)``: the layer is created in the
+    file as an (n_obs, n_vars) float32 HDF5 dataset (anndata's dense-array encoding, chunked
+    by rows) and ``fill`` writes it batch by batch (``dataset[i:j] = values``), so a cells x
+    genes layer is never held in memory. It reads back as an ordinary layer.
+    """
+
+    def _write(tmp: Path) -> None:
+        adata.write_h5ad(tmp)
+        if not streamed_layers:
+            return
+        n_obs, n_vars = adata.shape
+        rows_per_chunk = max(1, min(n_obs, (1 << 20) // (4 * max(n_vars, 1))))  # ~1 MB chunks
+        with h5py.File(tmp, "a") as f:
+            layers = f["layers"]
+            for name, fill in streamed_layers.items():
+                ds = layers.create_dataset(
+                    name, shape=(n_obs, n_vars), dtype="float32", chunks=(rows_per_chunk, n_vars)
+                )
+                ds.attrs["encoding-type"] = "array"
+                ds.attrs["encoding-version"] = "0.2.0"
+                fill(ds)
+
+    return atomic_write(path, _write)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:

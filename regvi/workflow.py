@@ -13,7 +13,6 @@ from typing import Any
 
 import anndata as ad
 import lightning.pytorch as pl
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -193,17 +192,26 @@ def write_outputs(
     steps = ["latent", "normalized expression", "UMAP + figures", "model", RESULTS_H5AD]
     written: dict[str, Path] = {}
     figures: dict[str, Path] = {}
+    streamed: dict[str, Any] = {}
     bar = tqdm(steps, desc="writing outputs", disable=not cfg.trainer.enable_progress_bar)
     for step in bar:
         bar.set_postfix_str(step)
         if step == "latent":
-            adata.obsm[LATENT_KEY] = model.get_latent_representation(batch_size=o.batch_size)
-        elif step == "normalized expression" and o.normalized_expression:
-            out = np.empty((adata.n_obs, adata.n_vars), dtype=np.float32)
-            model.get_normalized_expression(
-                library_size=o.normalized_library_size, batch_size=o.batch_size, out=out
+            adata.obsm[LATENT_KEY] = model.get_latent_representation(
+                batch_size=o.batch_size, progress="latent"
             )
-            adata.layers[NORMALIZED_LAYER] = out
+        elif step == "normalized expression" and o.normalized_expression:
+            # Streamed into the results file batch by batch when it is written: never a
+            # dense cells x genes array in memory.
+            def fill(dataset, model=model) -> None:
+                model.get_normalized_expression(
+                    library_size=o.normalized_library_size,
+                    batch_size=o.batch_size,
+                    out=dataset,
+                    progress="normalized expression",
+                )
+
+            streamed[NORMALIZED_LAYER] = fill
         elif step == "UMAP + figures" and o.figures:
             fig_dir = run_dir / FIGURES_DIR
             fig_dir.mkdir(exist_ok=True)
@@ -221,7 +229,7 @@ def write_outputs(
             written["history"] = write_csv_atomic(model.history, run_dir / HISTORY_CSV)
         elif step == RESULTS_H5AD:
             adata.uns["regvi_config"] = OmegaConf.to_yaml(cfg)
-            written["results"] = write_h5ad_atomic(adata, run_dir / RESULTS_H5AD)
+            written["results"] = write_h5ad_atomic(adata, run_dir / RESULTS_H5AD, streamed)
     tracking.log_figures(logger, figures)
     log.info("outputs written to %s", os.fspath(run_dir))
     return written

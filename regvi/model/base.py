@@ -217,14 +217,22 @@ class BaseModel:
 
     # ---------------------------------------------------------------- inference
     def _iterate(
-        self, adata: Any, indices: np.ndarray | None, batch_size: int
+        self,
+        adata: Any,
+        indices: np.ndarray | None,
+        batch_size: int,
+        progress: str | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Minibatches (on the module's device, eval mode, in cell order)."""
+        """Minibatches (on the module's device, eval mode, in cell order); ``progress`` names
+        a progress bar over the batches (none when None)."""
+        from tqdm.auto import tqdm
+
         dataset = self._dataset(adata)
         idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
         self.module.eval()
         device = self.device
-        for start in range(0, idx.size, batch_size):
+        starts = range(0, idx.size, batch_size)
+        for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
             batch = dataset[idx[start : start + batch_size]]
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

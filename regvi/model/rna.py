@@ -259,10 +259,12 @@ class AmbientRegularizedSCVI(BaseModel):
         indices: np.ndarray | None = None,
         give_mean: bool = True,
         batch_size: int = 1024,
+        progress: str | None = None,
     ) -> np.ndarray:
-        """Posterior mean of z (or one sample with ``give_mean=False``), ``(cells, n_latent)``."""
+        """Posterior mean of z (or one sample with ``give_mean=False``), ``(cells, n_latent)``,
+        computed in batches (``progress`` names a progress bar)."""
         out = []
-        for batch in self._iterate(adata, indices, batch_size):
+        for batch in self._iterate(adata, indices, batch_size, progress):
             inf = self.module.inference(batch)
             z = inf["qz_mean"]
             if not give_mean:
@@ -279,8 +281,9 @@ class AmbientRegularizedSCVI(BaseModel):
         library_size: float | str = 1e4,
         include_ambient: bool = False,
         batch_size: int = 1024,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
+        out: Any = None,
+        progress: str | None = None,
+    ) -> Any:
         r"""Denoised expression from the posterior mean of z, computed in batches.
 
         * ``library_size=<float>``: :math:`\rho_{ng} / \sum_{g'} \rho_{ng'} \times`
@@ -291,7 +294,9 @@ class AmbientRegularizedSCVI(BaseModel):
           own inferred library.
 
         ``gene_list`` restricts the returned columns (normalisation still uses all genes);
-        ``out`` may be a preallocated (e.g. memory-mapped) float32 array to fill.
+        ``out`` may be any preallocated float32 array-like supporting ``out[i:j] = values``
+        (a NumPy memmap, an open HDF5 dataset) to fill batch by batch, so the full matrix is
+        never held in memory; it is returned filled.
         """
         cols = None
         if gene_list is not None:
@@ -301,7 +306,7 @@ class AmbientRegularizedSCVI(BaseModel):
                 raise DataError(f"genes not in the model: {', '.join(map(repr, missing[:5]))}")
             cols = torch.as_tensor([lookup[g] for g in gene_list])
         chunks, row = [], 0
-        for batch in self._iterate(adata, indices, batch_size):
+        for batch in self._iterate(adata, indices, batch_size, progress):
             inf = self.module.inference(batch)
             gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
             if library_size == "latent":
