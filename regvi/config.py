@@ -38,6 +38,7 @@ class DataConfig:
     validation_batch_size: int | None = None
     train_size: float = 0.9
     num_workers: int = 0
+    backed: bool = False
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     # Multimodal (.h5mu) only: a list of modality names or {name: count layer}; null = all.
     modalities: Any = None

@@ -44,6 +44,7 @@ def write_h5ad_atomic(
     adata: ad.AnnData,
     path: str | Path,
     streamed_layers: Mapping[str, LayerFiller] | None = None,
+    copy_x_from: str | Path | None = None,
 ) -> Path:
     """Write ``adata`` to ``path`` via a temporary file and a rename.
 
@@ -51,10 +52,17 @@ def write_h5ad_atomic(
     file as an (n_obs, n_vars) float32 HDF5 dataset (anndata's dense-array encoding, chunked
     by rows) and ``fill`` writes it batch by batch (``dataset[i:j] = values``), so a cells x
     genes layer is never held in memory. It reads back as an ordinary layer.
+    ``copy_x_from``: an .h5ad whose ``X`` is copied into the file HDF5-to-HDF5 (for
+    ``adata`` without X, e.g. results of an out-of-core run).
     """
 
     def _write(tmp: Path) -> None:
         adata.write_h5ad(tmp)
+        if copy_x_from is not None:
+            with h5py.File(copy_x_from, "r") as src, h5py.File(tmp, "a") as dst:
+                if "X" in dst:
+                    del dst["X"]
+                src.copy(src["X"], dst, "X")
         if not streamed_layers:
             return
         n_obs, n_vars = adata.shape

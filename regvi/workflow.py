@@ -53,7 +53,7 @@ def load_input(cfg: DictConfig) -> ad.AnnData:
             seed=s.seed,
         )
         return adata
-    return read_h5ad(cfg.data.path)
+    return read_h5ad(cfg.data.path, backed=cfg.data.backed)
 
 
 def _covariate_arguments(cfg: DictConfig) -> dict[str, Any]:
@@ -229,7 +229,19 @@ def write_outputs(
             written["history"] = write_csv_atomic(model.history, run_dir / HISTORY_CSV)
         elif step == RESULTS_H5AD:
             adata.uns["regvi_config"] = OmegaConf.to_yaml(cfg)
-            written["results"] = write_h5ad_atomic(adata, run_dir / RESULTS_H5AD, streamed)
+            target = adata
+            if adata.isbacked:
+                # Out-of-core input: write everything but X from memory, then copy X from the
+                # input file inside HDF5 (never loaded).
+                target = ad.AnnData(
+                    obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=dict(adata.uns)
+                )
+            written["results"] = write_h5ad_atomic(
+                target,
+                run_dir / RESULTS_H5AD,
+                streamed,
+                copy_x_from=adata.filename if adata.isbacked else None,
+            )
     tracking.log_figures(logger, figures)
     log.info("outputs written to %s", os.fspath(run_dir))
     return written

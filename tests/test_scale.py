@@ -3,6 +3,7 @@
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 from omegaconf import OmegaConf
 
 from regvi import AmbientRegularizedSCVI
@@ -31,4 +32,30 @@ def test_streamed_normalized_layer_equals_in_memory_result(tmp_path):
     backed = ad.read_h5ad(run_dir / "results.h5ad", backed="r")
     np.testing.assert_allclose(
         backed.layers["regvi_normalized"][100:110], in_memory[100:110], rtol=1e-5, atol=1e-4
+    )
+
+
+def test_backed_training_matches_in_memory(tmp_path):
+    from regvi.datasets import simulate
+
+    adata, _ = simulate(n_cells=400, n_genes=50, n_cell_types=2, n_batches=2, seed=4)
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    runs = {}
+    for backed in (False, True):
+        cfg = OmegaConf.structured(TrainConfig)
+        cfg.data.path, cfg.data.backed, cfg.data.batch_size = str(path), backed, 64
+        cfg.covariates.batch_key = "batch"
+        cfg.trainer.max_epochs, cfg.trainer.enable_progress_bar = 4, False
+        cfg.logger.name, cfg.outputs.figures = "none", False
+        runs[backed] = train(cfg, tmp_path / f"backed_{backed}")
+    in_memory = pd.read_csv(runs[False] / "history.csv")
+    backed = pd.read_csv(runs[True] / "history.csv")
+    np.testing.assert_allclose(backed["loss_train"], in_memory["loss_train"], rtol=1e-6)
+    np.testing.assert_allclose(backed["elbo_validation"], in_memory["elbo_validation"], rtol=1e-6)
+    a, b = (ad.read_h5ad(runs[k] / "results.h5ad") for k in (False, True))
+    np.testing.assert_allclose(b.obsm["X_regvi"], a.obsm["X_regvi"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(b.X.toarray(), a.X.toarray())  # X copied from the input file
+    np.testing.assert_allclose(
+        b.layers["regvi_normalized"], a.layers["regvi_normalized"], rtol=1e-5
     )

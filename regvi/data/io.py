@@ -13,8 +13,12 @@ from regvi.errors import DataError
 _H5AD_SUFFIXES = (".h5ad",)
 
 
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an ``.h5ad`` file fully into memory, with errors that name the problem."""
+def read_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
+    """Read an ``.h5ad`` file, with errors that name the problem.
+
+    ``backed=True`` opens it read-only without loading ``X`` (obs, var and the other small
+    fields are read): training then reads minibatches from disk (out-of-core).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -23,14 +27,18 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
     if path.suffix.lower() not in _H5AD_SUFFIXES:
         raise DataError(f"data file must be an .h5ad file (got {path.name!r})")
     try:
-        adata = ad.read_h5ad(path)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # h5py/anndata raise many types for corrupt or foreign files
         raise DataError(f"could not read {path} as an .h5ad file: {exc}") from exc
     return adata
 
 
-def count_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
+def count_matrix(adata: ad.AnnData, layer: str | None = None, keep_backed: bool = False):
     """The counts of ``adata`` (``X`` or ``layers[layer]``) as validated float32 CSR.
+
+    With ``keep_backed=True`` and an AnnData opened with ``backed="r"`` whose counts are
+    stored as CSR, the on-disk matrix is returned (validated chunk by chunk) instead of being
+    loaded: rows are then read per minibatch.
 
     Checks: at least one cell and one gene, unique cell and gene names, finite, non-negative,
     whole-number values, and at least one gene with a non-zero count. Only the stored
@@ -55,29 +63,55 @@ def count_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
     X = adata.X if layer is None else adata.layers[layer]
     if X is None:
         raise DataError(f"the data has no count matrix in {where}")
+    if isinstance(X, ad.abc.CSRDataset) and keep_backed:
+        # Out-of-core: validate chunk by chunk, keep reading rows from disk.
+        any_positive = False
+        for _, _, chunk in row_chunks(X):
+            _check_values(chunk.data, where)
+            any_positive = any_positive or bool(np.any(chunk.data > 0))
+        if not any_positive:
+            raise DataError(f"every count in {where} is zero: no gene is expressed")
+        return X
     if isinstance(X, ad.abc.CSCDataset | ad.abc.CSRDataset):  # backed sparse
         X = X.to_memory()
     X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr()
     if X.dtype != np.float32:
         X = X.astype(np.float32)
-    values = X.data
-    if values.size:
-        if not np.all(np.isfinite(values)):
-            n_bad = int((~np.isfinite(values)).sum())
-            raise DataError(f"counts in {where} contain {n_bad} NaN or infinite value(s)")
-        if values.min() < 0:
-            raise DataError(
-                f"counts in {where} contain negative values (min {values.min():g}); "
-                "regvi needs raw counts"
-            )
-        if not np.all(np.mod(values, 1) == 0):
-            example = values[np.mod(values, 1) != 0][0]
-            raise DataError(
-                f"counts in {where} are not whole numbers (e.g. {example:g}); regvi needs raw "
-                "integer counts, not normalised or log-transformed values (use data.layer=... "
-                "to pick a raw-count layer)"
-            )
+    _check_values(X.data, where)
     if X.nnz == 0 or not np.any(X.data > 0):
         raise DataError(f"every count in {where} is zero: no gene is expressed")
     X.sum_duplicates()
     return X
+
+
+def _check_values(values: np.ndarray, where: str) -> None:
+    """Stored values must be finite, non-negative whole numbers."""
+    if not values.size:
+        return
+    if not np.all(np.isfinite(values)):
+        n_bad = int((~np.isfinite(values)).sum())
+        raise DataError(f"counts in {where} contain {n_bad} NaN or infinite value(s)")
+    if values.min() < 0:
+        raise DataError(
+            f"counts in {where} contain negative values (min {values.min():g}); "
+            "regvi needs raw counts"
+        )
+    if not np.all(np.mod(values, 1) == 0):
+        example = values[np.mod(values, 1) != 0][0]
+        raise DataError(
+            f"counts in {where} are not whole numbers (e.g. {example:g}); regvi needs raw "
+            "integer counts, not normalised or log-transformed values (use data.layer=... "
+            "to pick a raw-count layer)"
+        )
+
+
+def row_chunks(X, chunk_rows: int = 8192):
+    """Yield ``(start, stop, csr_chunk)`` over the rows of an in-memory CSR matrix or a
+    backed (on-disk) one; each chunk is float32 CSR, so passes over the data keep memory
+    bounded by ``chunk_rows`` rows."""
+    n = X.shape[0]
+    for start in range(0, n, chunk_rows):
+        stop = min(n, start + chunk_rows)
+        chunk = X[start:stop]
+        chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(chunk)
+        yield start, stop, chunk.astype(np.float32, copy=False)

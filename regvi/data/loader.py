@@ -37,7 +37,8 @@ class CsrMinibatchDataset(Dataset):
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
-        x = torch.from_numpy(self.X[idx].toarray())
+        # self.X is in-memory CSR or an on-disk (backed) CSR dataset: either way one slice.
+        x = torch.from_numpy(self.X[idx].toarray().astype(np.float32, copy=False))
         tidx = torch.from_numpy(idx)
         batch = {name: values[tidx] for name, values in self.covariates.items()}
         batch["x"] = x

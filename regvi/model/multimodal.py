@@ -30,11 +30,9 @@ from regvi.model.base import BaseModel
 from regvi.model.rna import DEFAULTS as SINGLE_MODALITY_DEFAULTS
 from regvi.module.components import LibraryPrior
 from regvi.module.init import (
-    ambient_init,
     cell_totals,
-    decoder_bias_init,
+    data_dependent_init,
     library_prior_stats,
-    normalised_matrix,
 )
 from regvi.module.multimodal import ModalitySpec, RegularizedMultimodalVAE
 
@@ -254,14 +252,17 @@ class RegularizedMultimodalVI(BaseModel):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # unmeasured cells are expected
                 prior = library_prior_stats(totals[measured], lib_codes[measured], n_lib)
-            X_norm = normalised_matrix(X[measured], totals[measured], float(prior.log_means.mean()))
             n_ambient = sum(self.covariates[m].n_categories("ambient_covariate_keys"))
-            ambient = None
-            if self.option("use_ambient", m) and n_ambient:
-                fraction = self.option("ambient_init_gene_fraction", m)
-                ambient_codes = codes[f"{m}/ambient"][measured]
-                ambient = ambient_init(X_norm, ambient_codes, n_ambient, fraction)
-            init[m] = {"prior": prior, "bias": decoder_bias_init(X_norm), "ambient": ambient}
+            use_ambient = bool(self.option("use_ambient", m)) and n_ambient > 0
+            bias, ambient = data_dependent_init(
+                X[measured],
+                totals[measured],
+                float(prior.log_means.mean()),
+                codes[f"{m}/ambient"][measured] if use_ambient else None,
+                n_ambient,
+                self.option("ambient_init_gene_fraction", m),
+            )
+            init[m] = {"prior": prior, "bias": bias, "ambient": ambient}
         return init
 
     def _build_module(self, init: Mapping[str, Mapping[str, Any]]) -> RegularizedMultimodalVAE:

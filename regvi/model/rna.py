@@ -18,13 +18,7 @@ from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
 from regvi.module.components import LibraryPrior
-from regvi.module.init import (
-    ambient_init,
-    cell_totals,
-    decoder_bias_init,
-    library_prior_stats,
-    normalised_matrix,
-)
+from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
 from regvi.module.rna import RegularizedVAE
 
 SETUP_KEY = "regvi_setup"
@@ -97,7 +91,8 @@ class AmbientRegularizedSCVI(BaseModel):
         self.adata = adata
         self.setup_ = setup
         self.covariates = CovariateEncoder(CovariateKeys.resolve(**setup["covariates"]))
-        X = count_matrix(adata, setup["layer"])
+        # An AnnData opened with backed="r" stays on disk: minibatches are read per step.
+        X = count_matrix(adata, setup["layer"], keep_backed=adata.isbacked)
         self.covariates.fit(adata.obs)
         codes = self.covariates.transform(adata.obs)
         self.gene_names = list(map(str, adata.var_names))
@@ -107,19 +102,17 @@ class AmbientRegularizedSCVI(BaseModel):
         n_lib = self.covariates.n_groups("library_size_key")
         prior = library_prior_stats(totals, codes["library_size"], n_lib)
         reference = float(np.mean(prior.log_means))
-        X_norm = normalised_matrix(X, totals, reference)
         n_ambient = sum(self.covariates.n_categories("ambient_covariate_keys"))
-        init_ambient = (
-            ambient_init(
-                X_norm,
-                codes["ambient"],
-                n_ambient,
-                self.init_params["ambient_init_gene_fraction"],
-            )
-            if self.init_params["use_ambient"] and n_ambient
-            else None
+        use_ambient = self.init_params["use_ambient"] and n_ambient > 0
+        bias, init_ambient = data_dependent_init(
+            X,
+            totals,
+            reference,
+            codes["ambient"] if use_ambient else None,
+            n_ambient,
+            self.init_params["ambient_init_gene_fraction"],
         )
-        self.module = self._build_module(prior, decoder_bias_init(X_norm), init_ambient)
+        self.module = self._build_module(prior, bias, init_ambient)
 
     # ---------------------------------------------------------------- set-up
     @staticmethod

@@ -13,12 +13,17 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from regvi.data.io import row_chunks
 from regvi.module.components import LibraryPrior
 
 
-def cell_totals(X: sp.csr_matrix) -> np.ndarray:
-    """Total counts per cell, float64."""
-    return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+def cell_totals(X) -> np.ndarray:
+    """Total counts per cell, float64 (one chunked pass for an on-disk matrix)."""
+    if sp.issparse(X):
+        return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    return np.concatenate(
+        [np.asarray(c.sum(axis=1), dtype=np.float64).ravel() for _, _, c in row_chunks(X)]
+    )
 
 
 def library_prior_stats(totals: np.ndarray, group_codes: np.ndarray, n_groups: int) -> LibraryPrior:
@@ -54,37 +59,80 @@ def normalised_matrix(X: sp.csr_matrix, totals: np.ndarray, reference_log_librar
     return sp.diags(scale.astype(np.float64)) @ X
 
 
-def decoder_bias_init(X_norm: sp.csr_matrix, floor: float = 0.01) -> np.ndarray:
-    """Head bias :math:`\\mathrm{softplus}^{-1}(\\max(\\overline{x^{norm}}_g, 0.01))`, so the
+def normalised_sums(
+    X,
+    totals: np.ndarray,
+    reference_log_library: float,
+    category_codes: np.ndarray | None = None,
+    n_categories: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One chunked pass: per-gene sums of :math:`x^{norm}` over all cells and, given absolute
+    ``category_codes`` (n_cells, n_keys), per (category, gene). Returns
+    ``(gene_sums, category_sums, category_counts)``."""
+    gene_sums = np.zeros(X.shape[1])
+    cat_sums = np.zeros((n_categories, X.shape[1])) if category_codes is not None else None
+    for start, stop, chunk in row_chunks(X):
+        normed = normalised_matrix(chunk, totals[start:stop], reference_log_library)
+        gene_sums += np.asarray(normed.sum(axis=0)).ravel()
+        if cat_sums is not None:
+            for k in range(category_codes.shape[1]):
+                codes = category_codes[start:stop, k]
+                indicator = sp.csr_matrix(
+                    (np.ones(codes.size), (codes, np.arange(codes.size))),
+                    shape=(n_categories, codes.size),
+                )
+                cat_sums += np.asarray((indicator @ normed).todense())
+    counts = None
+    if category_codes is not None:
+        counts = np.zeros(n_categories)
+        for k in range(category_codes.shape[1]):
+            counts += np.bincount(category_codes[:, k], minlength=n_categories)
+    return gene_sums, cat_sums, counts
+
+
+def decoder_bias_init(gene_means: np.ndarray, floor: float = 0.01) -> np.ndarray:
+    r"""Head bias :math:`\mathrm{softplus}^{-1}(\max(\overline{x^{norm}}_g, 0.01))`, so the
     decoder starts at each gene's mean normalised expression (identity above 20)."""
-    mean = np.asarray(X_norm.mean(axis=0)).ravel()
-    target = np.maximum(mean, floor)
+    target = np.maximum(gene_means, floor)
     with np.errstate(over="ignore"):
         inv = np.where(target > 20, target, target + np.log(-np.expm1(-np.minimum(target, 20))))
     return inv.astype(np.float32)
 
 
 def ambient_init(
-    X_norm: sp.csr_matrix,
-    ambient_codes: np.ndarray,
-    n_categories: int,
+    category_sums: np.ndarray,
+    category_counts: np.ndarray,
     gene_fraction: float = 0.2,
     floor: float = 1e-8,
 ) -> np.ndarray:
-    """:math:`\\beta_{c,g} = \\log\\max(0.2\\cdot\\overline{x^{norm}}_{g,c}, 10^{-8})` for every
+    r""":math:`\beta_{c,g} = \log\max(0.2\cdot\overline{x^{norm}}_{g,c}, 10^{-8})` for every
     ambient category ``c`` (the mean over the cells of that category; empty categories get
-    :math:`\\log 10^{-8}`). ``ambient_codes`` are absolute codes, shape ``(n_cells, n_keys)``.
-    Shape of the result: ``(n_categories, n_genes)``."""
-    out = np.full((n_categories, X_norm.shape[1]), np.log(floor), dtype=np.float64)
-    for k in range(ambient_codes.shape[1]):
-        codes = ambient_codes[:, k]
-        indicator = sp.csr_matrix(
-            (np.ones(codes.size), (codes, np.arange(codes.size))),
-            shape=(n_categories, codes.size),
-        )
-        sums = np.asarray((indicator @ X_norm).todense())
-        counts = np.bincount(codes, minlength=n_categories).astype(np.float64)
-        has = counts > 0
-        means = sums[has] / counts[has, None]
-        out[has] = np.log(np.maximum(gene_fraction * means, floor))
+    :math:`\log 10^{-8}`). Inputs from :func:`normalised_sums`; result
+    ``(n_categories, n_genes)``."""
+    out = np.full(category_sums.shape, np.log(floor), dtype=np.float64)
+    has = category_counts > 0
+    means = category_sums[has] / category_counts[has, None]
+    out[has] = np.log(np.maximum(gene_fraction * means, floor))
     return out.astype(np.float32)
+
+
+def data_dependent_init(
+    X,
+    totals: np.ndarray,
+    reference_log_library: float,
+    ambient_codes: np.ndarray | None = None,
+    n_ambient_categories: int = 0,
+    ambient_gene_fraction: float = 0.2,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decoder head bias and (if ``ambient_codes`` is given) log ambient, from one pass."""
+    use_ambient = ambient_codes is not None and n_ambient_categories > 0
+    gene_sums, cat_sums, counts = normalised_sums(
+        X,
+        totals,
+        reference_log_library,
+        ambient_codes if use_ambient else None,
+        n_ambient_categories,
+    )
+    bias = decoder_bias_init(gene_sums / max(X.shape[0], 1))
+    ambient = ambient_init(cat_sums, counts, ambient_gene_fraction) if use_ambient else None
+    return bias, ambient
