@@ -98,6 +98,7 @@ class TrainerConfig:
     max_epochs: int | None = None
     accelerator: str = "cpu"
     devices: Any = 1
+    strategy: str = "auto"
     precision: str = "32-true"
     lr: float = 1e-3
     weight_decay: float = 1e-6

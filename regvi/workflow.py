@@ -157,6 +157,7 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
         kl_warmup_fraction=t.kl_warmup_fraction,
         accelerator=t.accelerator,
         devices=t.devices,
+        strategy=t.strategy,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
         split_seed=cfg.seed,

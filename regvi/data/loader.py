@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regvi.errors import DataError
 
@@ -45,17 +45,48 @@ class CsrMinibatchDataset(Dataset):
         return batch
 
 
-class _SubsetBatchSampler(BatchSampler):
-    """Batches of indices drawn from a fixed subset of cells."""
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) outside a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _SubsetBatchSampler(Sampler):
+    """Batches of indices drawn from a fixed subset of cells.
+
+    Under DDP every process draws the same permutation (the global RNG is seeded alike on
+    all ranks) and keeps every ``world_size``-th cell of it from its rank on, after trimming
+    the permutation to a multiple of ``world_size``: the ranks' cells are disjoint and all
+    ranks run the same number of steps (at most ``world_size - 1`` cells sit out an epoch,
+    different ones each epoch when shuffling).
+    """
 
     def __init__(self, subset: np.ndarray, batch_size: int, shuffle: bool):
         self.subset = np.asarray(subset, dtype=np.int64)
-        base = RandomSampler(self.subset) if shuffle else SequentialSampler(self.subset)
-        super().__init__(base, batch_size, drop_last=False)
+        self.shuffle = shuffle
+        self.batch_size = batch_size
+        self.drop_last = False
+
+    def _rank_cells(self) -> np.ndarray:
+        rank, world = _process_group()
+        if self.shuffle:
+            order = torch.randperm(self.subset.size).numpy()
+        else:
+            order = np.arange(self.subset.size)
+        if world > 1:
+            order = order[: (order.size // world) * world][rank::world]
+        return self.subset[order]
 
     def __iter__(self):
-        for positions in super().__iter__():
-            yield self.subset[positions]
+        cells = self._rank_cells()
+        for start in range(0, cells.size, self.batch_size):
+            yield cells[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        _, world = _process_group()
+        n = self.subset.size // world if world > 1 else self.subset.size
+        return -(-n // self.batch_size)
 
 
 def make_dataloader(

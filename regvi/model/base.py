@@ -4,6 +4,7 @@ batching, persistence. Model classes add data set-up and the module they build."
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,7 @@ class BaseModel:
         kl_warmup_fraction: float = 0.5,
         accelerator: str = "auto",
         devices: int | str = "auto",
+        strategy: str = "auto",
         precision: str | int | None = None,
         gradient_clip_val: float | None = None,
         num_workers: int = 0,
@@ -109,6 +111,12 @@ class BaseModel:
             Adam settings.
         accelerator, devices, precision, gradient_clip_val
             Passed to :class:`lightning.pytorch.Trainer` (``precision="bf16-mixed"`` for AMP).
+        strategy
+            ``"ddp_spawn"`` with ``devices=k`` trains data-parallel in k processes (gloo on
+            CPU, NCCL on GPUs): each process sees a disjoint share of the training cells every
+            epoch, the global priors stay divided by the full training-set size N, epoch
+            metrics are summed over processes, and only this process continues afterwards
+            (so outputs are written once).
         logger, callbacks, trainer_kwargs
             Extra Lightning logger / callbacks / Trainer arguments.
         checkpoint_dir, checkpoint_every_n_epochs
@@ -138,7 +146,8 @@ class BaseModel:
             if val_idx.size
             else None
         )
-        steps_per_epoch = len(train_loader)
+        n_processes = int(devices) if strategy.startswith("ddp") and str(devices).isdigit() else 1
+        steps_per_epoch = -(-(train_idx.size // n_processes) // batch_size)
         warmup_steps = int(round(kl_warmup_fraction * max_epochs * steps_per_epoch))
         plan = TrainingPlan(
             self.module,
@@ -150,6 +159,10 @@ class BaseModel:
         )
         history = HistoryCallback()
         all_callbacks: list[pl.Callback] = [history, *(callbacks or [])]
+        if n_processes > 1 and checkpoint_dir is None:
+            # The worker processes' history comes back through the last checkpoint.
+            self._ddp_tmp = tempfile.TemporaryDirectory(prefix="regvi-ddp-")
+            checkpoint_dir = self._ddp_tmp.name
         checkpoint = (
             EpochCheckpoint(checkpoint_dir, checkpoint_every_n_epochs) if checkpoint_dir else None
         )
@@ -170,6 +183,8 @@ class BaseModel:
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
+            use_distributed_sampler=False,  # our sampler splits cells across processes
             precision=precision,
             logger=logger,
             callbacks=all_callbacks,
@@ -197,6 +212,12 @@ class BaseModel:
         # normalized expression) should run on the accelerator that trained it.
         self.module.to(trainer.strategy.root_device)
         self.module.eval()
+        if not history.records and checkpoint is not None and checkpoint.path.exists():
+            # Spawned processes trained; this one holds only the final weights.
+            state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+            for key, value in state.get("callbacks", {}).items():
+                if key.startswith(HistoryCallback.__name__):
+                    history.load_state_dict(value)
         self.history_ = history.to_frame()
         self.trainer_ = trainer
         self.is_trained_ = True

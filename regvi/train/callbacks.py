@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pandas as pd
-
-from regvi.outputs import atomic_write
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -63,9 +62,14 @@ class EpochCheckpoint(pl.Callback):
         return self.dirpath / LAST_CHECKPOINT
 
     def _save(self, trainer: pl.Trainer) -> None:
+        # save_checkpoint is collective under DDP (every rank calls it, rank 0 writes), so
+        # the temporary name must be the same on all ranks; only rank 0 renames.
+        tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, trainer.save_checkpoint)
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:

@@ -1,0 +1,53 @@
+"""Data-parallel training: 2 CPU processes (gloo) through the real CLI."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from regvi.data import loader
+
+from .test_cli import FAST, run
+
+TINY = [
+    "data.simulate.n_cells=400",
+    "data.simulate.n_genes=50",
+    "data.batch_size=64",
+    "model.n_hidden=16",
+    "trainer.max_epochs=2",
+    "outputs.figures=false",
+]
+
+
+def test_ranks_get_disjoint_cells_and_equal_steps(monkeypatch):
+    subset = np.arange(1000, 1103)  # 103 cells: one sits out per epoch with 2 ranks
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(loader, "_process_group", lambda rank=rank: (rank, 2))
+        torch.manual_seed(7)  # every rank draws the same permutation
+        sampler = loader._SubsetBatchSampler(subset, batch_size=16, shuffle=True)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 4
+        shares.append(np.concatenate(batches))
+    assert np.intersect1d(shares[0], shares[1]).size == 0
+    assert shares[0].size == shares[1].size == 51
+    assert set(shares[0]) | set(shares[1]) <= set(subset)
+
+
+def test_two_process_ddp_run_writes_one_results_file(tmp_path):
+    single = run(["train", *TINY, *FAST, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    proc = run(
+        ["train", "trainer=ddp", *TINY, *FAST, f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(proc.stdout.strip().splitlines()[-1]) == tmp_path / "ddp"
+    written = [p.relative_to(tmp_path / "ddp") for p in (tmp_path / "ddp").rglob("*.h5ad")]
+    assert written == [Path("results.h5ad")]  # exactly one, from the main process
+    history = pd.read_csv(tmp_path / "ddp" / "history.csv")
+    assert len(history) == 2 and np.isfinite(history["loss_train"]).all()
+    # global priors divided by the full training-set size N, not by a rank's share (N/2)
+    reference = pd.read_csv(tmp_path / "single" / "history.csv")
+    ratio = history["global_penalty_train"].iloc[0] / reference["global_penalty_train"].iloc[0]
+    assert 0.8 < ratio < 1.25
