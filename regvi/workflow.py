@@ -64,6 +64,35 @@ def _covariate_arguments(cfg: DictConfig) -> dict[str, Any]:
     return covariates
 
 
+def train_arguments(cfg: DictConfig, logger: Any = False) -> dict[str, Any]:
+    """The ``model.train(...)`` arguments taken from ``data.*``, ``trainer.*`` and ``seed``:
+    one mapping for every model class, so a trainer option reaches all of them."""
+    t = cfg.trainer
+    return {
+        "max_epochs": t.max_epochs,
+        "batch_size": cfg.data.batch_size,
+        "validation_batch_size": cfg.data.validation_batch_size,
+        "train_size": cfg.data.train_size,
+        "num_workers": cfg.data.num_workers,
+        "early_stopping": t.early_stopping,
+        "early_stopping_patience": t.early_stopping_patience,
+        "early_stopping_min_delta_per_feature": t.early_stopping_min_delta_per_feature,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "eps": t.eps,
+        "kl_warmup_fraction": t.kl_warmup_fraction,
+        "accelerator": t.accelerator,
+        "devices": t.devices,
+        "strategy": t.strategy,
+        "precision": t.precision,
+        "gradient_clip_val": t.gradient_clip_val,
+        "deterministic": t.deterministic,
+        "split_seed": cfg.seed,
+        "logger": logger,
+        "enable_progress_bar": t.enable_progress_bar,
+    }
+
+
 def _check_run_dir(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
     """Refuse to clobber a finished run, or to restart an unfinished one from scratch."""
     if (run_dir / RESULTS_H5AD).exists() and not cfg.overwrite:
@@ -141,31 +170,10 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     if _resume_from is None:
         atomic_write(run_dir / RUN_CONFIG, lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
     logger = tracking.make_logger(cfg, run_dir)
-    t = cfg.trainer
     model.train(
-        max_epochs=t.max_epochs,
-        batch_size=cfg.data.batch_size,
-        validation_batch_size=cfg.data.validation_batch_size,
-        train_size=cfg.data.train_size,
-        num_workers=cfg.data.num_workers,
-        early_stopping=t.early_stopping,
-        early_stopping_patience=t.early_stopping_patience,
-        early_stopping_min_delta_per_feature=t.early_stopping_min_delta_per_feature,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        eps=t.eps,
-        kl_warmup_fraction=t.kl_warmup_fraction,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        precision=t.precision,
-        gradient_clip_val=t.gradient_clip_val,
-        split_seed=cfg.seed,
-        logger=logger,
-        enable_progress_bar=t.enable_progress_bar,
+        **train_arguments(cfg, logger),
         checkpoint_dir=run_dir / CHECKPOINT_DIR,
-        checkpoint_every_n_epochs=t.checkpoint_every_n_epochs,
-        deterministic=t.deterministic,
+        checkpoint_every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
         resume_from=_resume_from,
     )
     write_outputs(model, adata, cfg, run_dir, logger, labels_key)

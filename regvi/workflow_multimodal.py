@@ -29,27 +29,15 @@ from regvi.data.mudata_io import read_h5mu, resolve_modalities, shared_cells
 from regvi.errors import ConfigError, RegviError
 from regvi.model.multimodal import DEFAULTS, MODALITY_COVARIATE_ROLES, RegularizedMultimodalVI
 from regvi.outputs import FIGURES_DIR, HISTORY_CSV, MODEL_DIR, atomic_write, write_csv_atomic
-from regvi.workflow import LATENT_KEY, NORMALIZED_LAYER, _covariate_arguments
+from regvi.workflow import (
+    LATENT_KEY,
+    NORMALIZED_LAYER,
+    _covariate_arguments,
+    train_arguments,
+)
 
 log = logging.getLogger("regvi")
 RESULTS_H5MU = "results.h5mu"
-#: trainer config keys passed to ``model.train`` under the same name.
-_FIT_KEYS = (
-    "max_epochs",
-    "early_stopping",
-    "early_stopping_patience",
-    "early_stopping_min_delta_per_feature",
-    "lr",
-    "weight_decay",
-    "eps",
-    "kl_warmup_fraction",
-    "accelerator",
-    "devices",
-    "precision",
-    "gradient_clip_val",
-    "enable_progress_bar",
-    "deterministic",
-)
 
 
 def _plain(node: Any) -> Any:
@@ -136,15 +124,7 @@ def train_multimodal(cfg: DictConfig, run_dir: str | Path, resume_from: Path | N
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = tracking.make_logger(cfg, run_dir)
-    model.train(
-        batch_size=cfg.data.batch_size,
-        validation_batch_size=cfg.data.validation_batch_size,
-        train_size=cfg.data.train_size,
-        num_workers=cfg.data.num_workers,
-        split_seed=cfg.seed,
-        logger=logger,
-        **{key: cfg.trainer[key] for key in _FIT_KEYS},
-    )
+    model.train(**train_arguments(cfg, logger))
     write_multimodal_outputs(model, mdata, cfg, run_dir, logger, labels_key)
     tracking.finish(logger)
     return run_dir
