@@ -1,9 +1,9 @@
 """Minibatches straight from CSR, and the train/validation split.
 
 A minibatch is one fancy-indexing slice of the CSR matrix (a sorted index array, so the slice
-is a single pass over ``indptr``), densified once; there is no per-cell Python loop. The
-DataLoader receives whole index batches from a ``BatchSampler`` (``batch_size=None``), so
-collation does nothing.
+is a single pass over ``indptr``) handed on as :class:`~regvi.data.counts.SparseCounts`: it is
+never densified on the host, and there is no per-cell Python loop. The DataLoader receives
+whole index batches from a ``BatchSampler`` (``batch_size=None``), so collation does nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from regvi.data.counts import SparseCounts
 from regvi.errors import DataError
 
 
@@ -22,8 +23,8 @@ class CsrMinibatchDataset(Dataset):
     """Indexable by an array of cell indices; returns a dict of tensors for those cells.
 
     ``X`` is float32 CSR (cells x features); ``covariates`` are per-cell arrays (codes or
-    continuous values) whose first axis is cells. Keys of the returned dict: ``"x"`` plus the
-    covariate names.
+    continuous values) whose first axis is cells. Keys of the returned dict: ``"x"`` (the
+    counts as :class:`SparseCounts`) plus the covariate names.
     """
 
     def __init__(self, X: sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
@@ -38,10 +39,9 @@ class CsrMinibatchDataset(Dataset):
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
         # self.X is in-memory CSR or an on-disk (backed) CSR dataset: either way one slice.
-        x = torch.from_numpy(self.X[idx].toarray().astype(np.float32, copy=False))
         tidx = torch.from_numpy(idx)
         batch = {name: values[tidx] for name, values in self.covariates.items()}
-        batch["x"] = x
+        batch["x"] = SparseCounts.from_scipy(self.X[idx])
         return batch
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from regvi.data.counts import SparseCounts
 from regvi.data.io import count_matrix
 from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import DataError
@@ -178,9 +179,9 @@ def feature_aligned(adata: Any, feature_names: Sequence[str], modality: str) -> 
 class MultiModalDataset(CsrMinibatchDataset):
     """Minibatches of several CSR count matrices sharing cells (one per modality).
 
-    Items: ``x_<modality>`` (dense float32, only the minibatch's rows are densified), the
-    covariate arrays, and ``x`` — the same tensor as the first modality's ``x_<m>`` (no copy),
-    which the training plan reads for the minibatch size.
+    Items: ``x_<modality>`` (:class:`SparseCounts` of the minibatch's rows), the covariate
+    arrays, and ``x`` — the same object as the first modality's ``x_<m>`` (no copy), which
+    the training plan reads for the minibatch size.
     """
 
     def __init__(self, matrices: Mapping[str, sp.csr_matrix], covariates: Mapping[str, np.ndarray]):
@@ -192,5 +193,5 @@ class MultiModalDataset(CsrMinibatchDataset):
         idx = np.sort(np.asarray(indices, dtype=np.int64))
         batch = super().__getitem__(idx)
         for name, X in self.matrices.items():
-            batch[f"x_{name}"] = batch["x"] if X is self.X else torch.from_numpy(X[idx].toarray())
+            batch[f"x_{name}"] = batch["x"] if X is self.X else SparseCounts.from_scipy(X[idx])
         return batch

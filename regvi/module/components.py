@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from regvi.data.counts import SparseCounts, as_sparse_counts
 from regvi.distributions import (
     gamma_log_prob,
-    gamma_poisson_log_prob,
+    gamma_poisson_log_prob_sparse,
     kl_log_theta_inverse_sqrt_exponential,
     kl_lognormal_exponential,
     kl_normal_normal,
@@ -149,13 +150,19 @@ class HierarchicalDispersion(nn.Module):
     def rate(self) -> torch.Tensor:
         return F.softplus(self.rate_raw)
 
-    def theta(self, group_codes: torch.Tensor) -> torch.Tensor:
-        """θ for each cell's group, ``(B, G)``; sampled in training, the median in eval."""
+    def log_theta(self, group_codes: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log\theta` for each cell's group, ``(B, G)``: a draw
+        :math:`\mu + \sigma\epsilon` per (cell, feature) in training, the median :math:`\mu`
+        in eval."""
         mean = F.embedding(group_codes, self.log_theta_mean)
         if not self.training:
-            return torch.exp(mean)
+            return mean
         sigma = F.embedding(group_codes, torch.exp(self.log_theta_log_sigma))
-        return torch.exp(mean + sigma * torch.randn_like(mean))
+        return torch.addcmul(mean, sigma, torch.randn_like(mean))
+
+    def theta(self, group_codes: torch.Tensor) -> torch.Tensor:
+        """θ for each cell's group, ``(B, G)``; sampled in training, the median in eval."""
+        return torch.exp(self.log_theta(group_codes))
 
     def penalty(self) -> torch.Tensor:
         r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`.
@@ -230,13 +237,14 @@ class LearnedLibrarySize(nn.Module):
 
     def forward(
         self,
-        encoder_input: torch.Tensor,
+        encoder_input: torch.Tensor | SparseCounts,
         observed_library: torch.Tensor,
         group_codes: torch.Tensor,
         cat_codes: torch.Tensor | None = None,
+        continuous: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns ``mean``, ``var`` of q(ℓ), the sample ``library`` and per-cell ``kl``."""
-        a, b = self.encoder(encoder_input, cat_codes)
+        a, b = self.encoder(encoder_input, cat_codes, continuous)
         a, b = a.squeeze(-1), b.squeeze(-1)
         if self.residual:
             w = torch.exp(self.w_mu)
@@ -354,11 +362,21 @@ class CountModality(nn.Module):
         )
         self.decoder_weight_l2 = decoder_weight_l2
 
-    def encoder_input(self, x: torch.Tensor, observed_library: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log(1 + x_{ng}\,e^{\bar m}/L_n)`: log1p of library-normalised counts, scaled
-        to the data's typical (geometric-mean) library so values keep count-like magnitudes."""
+    def encoder_input(
+        self, counts: SparseCounts | torch.Tensor
+    ) -> tuple[SparseCounts, torch.Tensor]:
+        r"""The encoders' input :math:`\log(1 + x_{ng}\,e^{\bar m}/L_n)` and the observed
+        library sizes :math:`L_n`.
+
+        log1p of library-normalised counts, scaled to the data's typical (geometric-mean)
+        library so values keep count-like magnitudes. It maps zero to zero, so it is computed
+        on the stored (non-zero) entries only and stays sparse.
+        """
+        counts = as_sparse_counts(counts)
+        observed_library = counts.row_sums()
         scale = torch.exp(self.library.global_log_mean) / torch.clamp(observed_library, min=1.0)
-        return torch.log1p(x * scale[:, None])
+        features = counts.with_values(torch.log1p(counts.values * scale[counts.rows]))
+        return features, observed_library
 
     def rate(
         self,
@@ -377,11 +395,12 @@ class CountModality(nn.Module):
         return torch.exp(library)[:, None] * expression
 
     def reconstruction_loss(
-        self, x: torch.Tensor, mu: torch.Tensor, batch: dict[str, torch.Tensor]
+        self, x: SparseCounts | torch.Tensor, mu: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Negative log-likelihood per cell, summed over features."""
-        theta = self.dispersion.theta(batch["dispersion"])
-        return -gamma_poisson_log_prob(x, mu, theta).sum(dim=-1)
+        """Negative log-likelihood per cell, summed over features (θ drawn per (cell, feature)
+        in training, see :class:`HierarchicalDispersion`)."""
+        log_theta = self.dispersion.log_theta(batch["dispersion"])
+        return -gamma_poisson_log_prob_sparse(as_sparse_counts(x), mu, log_theta)
 
     def penalties(self) -> dict[str, torch.Tensor]:
         """Global (non-local) terms, un-normalised: each enters the loss divided by N."""

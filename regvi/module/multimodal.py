@@ -120,20 +120,17 @@ class RegularizedMultimodalVAE(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _encode_modality(self, name: str, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        counts = batch[f"x_{name}"]
         covs = modality_view(batch, name)
-        totals = counts.sum(dim=-1)
-        measured = totals > 0
         part: CountModality = self.modalities[name]
-        features = part.encoder_input(counts, totals)
-        if covs["continuous"].shape[-1]:
-            features = torch.cat([features, covs["continuous"]], dim=-1)
-        loc, scale2 = self.encoders[name](features, covs["encoder"])
+        features, totals = part.encoder_input(batch[f"x_{name}"])
+        measured = totals > 0
+        continuous = covs["continuous"]
+        loc, scale2 = self.encoders[name](features, covs["encoder"], continuous)
         # Not measured: the posterior of z_m is the prior N(0, I).
         keep = measured[:, None]
         loc = torch.where(keep, loc, torch.zeros_like(loc))
         scale2 = torch.where(keep, scale2, torch.ones_like(scale2))
-        library = part.library(features, totals, covs["library_size"], covs["encoder"])
+        library = part.library(features, totals, covs["library_size"], covs["encoder"], continuous)
         return {"qz_mean": loc, "qz_var": scale2, "library": library, "measured": measured}
 
     def inference(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -62,14 +62,13 @@ class RegularizedVAE(nn.Module):
         )
 
     def inference(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = batch["x"]
-        observed_library = x.sum(dim=-1)
-        h = self.rna.encoder_input(x, observed_library)
-        if batch["continuous"].shape[-1]:
-            h = torch.cat([h, batch["continuous"]], dim=-1)
-        qz_mean, qz_var = self.z_encoder(h, batch["encoder"])
+        features, observed_library = self.rna.encoder_input(batch["x"])
+        continuous = batch["continuous"]
+        qz_mean, qz_var = self.z_encoder(features, batch["encoder"], continuous)
         z = qz_mean + torch.sqrt(qz_var) * torch.randn_like(qz_mean) if self.training else qz_mean
-        lib = self.rna.library(h, observed_library, batch["library_size"], batch["encoder"])
+        lib = self.rna.library(
+            features, observed_library, batch["library_size"], batch["encoder"], continuous
+        )
         return {"qz_mean": qz_mean, "qz_var": qz_var, "z": z, "library": lib}
 
     def generative(

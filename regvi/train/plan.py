@@ -146,7 +146,11 @@ class TrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.module.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        # The fused kernel updates every parameter in one call (CPU and CUDA), where the
+        # per-parameter loop costs ~1 ms a step on CPU: a tenth of a batch-128 step.
+        return torch.optim.Adam(
+            params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
+        )
 
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
