@@ -71,13 +71,19 @@ def test_encoder_reads_sparse_input_like_dense_input():
     torch.testing.assert_close(var_s, var_d)
 
 
-def test_dropout_on_stored_entries_keeps_zeros_and_rescales():
-    from regvi.nn.layers import _dropout_stored
-
+def test_dropout_on_stored_entries_keeps_zeros_rescales_and_is_shared_per_batch():
     torch.manual_seed(0)
-    values = torch.ones(200_000)
-    dropped = _dropout_stored(values, torch.nn.Dropout(0.25), training=True)
-    kept = dropped != 0
+    n = 200_000
+    # 100 cells with every one of 2000 features stored
+    counts = SparseCounts(
+        torch.ones(n), torch.arange(n) % 2000, torch.arange(0, n + 1, 2000), n_features=2000
+    )
+    dropped = counts.dropout_to_dense(0.25, training=True)
+    assert dropped.shape == (100, 2000)
+    values = counts.gather(dropped)
+    kept = values != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.01
-    torch.testing.assert_close(dropped[kept], torch.full_like(dropped[kept], 1 / 0.75))
-    assert _dropout_stored(values, torch.nn.Dropout(0.25), training=False) is values
+    torch.testing.assert_close(values[kept], torch.full_like(values[kept], 1 / 0.75))
+    # every encoder of the minibatch sees the same mask; eval mode sees the counts
+    assert counts.dropout_to_dense(0.25, training=True) is dropped
+    torch.testing.assert_close(counts.dropout_to_dense(0.25, training=False), counts.to_dense())

@@ -28,6 +28,16 @@ from regvi.nn import Decoder, Encoder
 FEATURE_SCALING_DIVISOR = 0.7
 
 
+def per_cell_rows(table: torch.Tensor, codes: torch.Tensor, combine: str) -> torch.Tensor:
+    """Each cell's row of ``table`` for its category codes ``(B, n_keys)``, combined over
+    keys by ``"sum"`` or ``"prod"``; ``(B, n_features)``. With one key (the usual case) the
+    lookup is the result, with no extra pass over cells x features."""
+    if codes.shape[1] == 1:
+        return F.embedding(codes[:, 0], table)
+    rows = F.embedding(codes, table)
+    return rows.sum(dim=1) if combine == "sum" else rows.prod(dim=1)
+
+
 class AmbientBackground(nn.Module):
     r"""Additive ambient RNA :math:`s_{b,g} = \exp(\beta_{b,g})` per ambient category.
 
@@ -58,7 +68,7 @@ class AmbientBackground(nn.Module):
 
     def per_cell(self, codes: torch.Tensor) -> torch.Tensor:
         """Background of each cell, ``(B, G)``; ``codes`` are absolute, shape ``(B, n_keys)``."""
-        return F.embedding(codes, torch.exp(self.log_ambient)).sum(dim=1)
+        return per_cell_rows(torch.exp(self.log_ambient), codes, "sum")
 
     def penalty(self) -> torch.Tensor:
         r""":math:`-\sum_{b,g}\log\mathrm{Gamma}(s_{b,g};\alpha,\beta)` (0 when not regularised)."""
@@ -97,7 +107,7 @@ class FeatureScaling(nn.Module):
         y = self.factors()
         if not self.has_covariates:
             return y
-        return F.embedding(codes, y).prod(dim=1)
+        return per_cell_rows(y, codes, "prod")
 
     def penalty(self) -> torch.Tensor:
         r""":math:`-\sum_{t,g}\log\mathrm{Gamma}(y_{t,g}; 200, 200)`."""

@@ -13,7 +13,9 @@ The first layer of an encoder reads counts as :class:`~regvi.data.counts.SparseC
 dropout maps zero to zero, so it is applied to the stored entries only (the same
 distribution as dropout on the dense input, at a fraction of the random draws), and the
 result is scattered into a dense matrix on the device for the matmul (on CPU a dense GEMM
-beats sparse-dense products above a few percent density, which count matrices have).
+beats sparse-dense products above a few percent density, which count matrices have). The
+encoders of one modality (z and library size) share that dropped-out input, see
+:meth:`~regvi.data.counts.SparseCounts.dropout_to_dense`.
 """
 
 from __future__ import annotations
@@ -55,17 +57,6 @@ class CategoricalInjection(nn.Module):
         if self.weight is None or codes is None or codes.shape[-1] == 0:
             return 0.0
         return F.embedding(codes, self.weight).sum(dim=1)
-
-
-def _dropout_stored(values: torch.Tensor, dropout: nn.Module, training: bool) -> torch.Tensor:
-    """Dropout of the stored entries of a sparse input (what ``dropout`` does to the dense
-    input, whose zeros stay zero). Uniform draws and a comparison instead of ``bernoulli_``,
-    which is about twice as slow on CPU."""
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    if not training or p == 0.0:
-        return values
-    keep = torch.rand_like(values) >= p
-    return values * keep / (1.0 - p)
 
 
 class FCLayers(nn.Module):
@@ -132,7 +123,8 @@ class FCLayers(nn.Module):
         ):
             if i == 0:
                 if isinstance(x, SparseCounts):
-                    x = x.to_dense(_dropout_stored(x.values, dropout, self.training))
+                    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+                    x = x.dropout_to_dense(p, self.training)
                 else:
                     x = dropout(x)
                 if continuous is not None and continuous.shape[-1]:

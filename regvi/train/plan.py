@@ -116,13 +116,25 @@ class TrainingPlan(pl.LightningModule):
         self._check_finite(output, "training")
         batch_size = batch["x"].shape[0]
         self._accumulate(output, "train", batch_size)
-        self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        if batch_idx % self.trainer.log_every_n_steps == 0:
+            # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
+            self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=1)
         return output.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
         self._check_finite(output, "validation")
         self._accumulate(output, "validation", batch["x"].shape[0])
+
+    def transfer_batch_to_device(
+        self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
+    ) -> dict[str, Any]:
+        """A flat dict of tensors and :class:`~regvi.data.counts.SparseCounts`: moved value by
+        value (asynchronously from pinned memory), without Lightning's generic collection
+        walk, which costs ~0.7 ms a step; nothing to do on the CPU."""
+        if device.type == "cpu":
+            return batch
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every RNG state, so a resumed run draws the same minibatches and noise."""
