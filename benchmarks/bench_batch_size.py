@@ -10,6 +10,7 @@ smallest batch size. Several seeds give the run-to-run spread to compare against
     python benchmarks/bench_batch_size.py                   # the built-in dataset, 128..1024
     python benchmarks/bench_batch_size.py --data ../shared/data/pbmc_3tech_symphony_1500.h5ad
     python benchmarks/bench_batch_size.py --batch-sizes 256,1024 --seeds 0,1,2
+    python benchmarks/bench_batch_size.py --sqrt-lr         # learning rate grown with the batch
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="128,256,512,1024")
     parser.add_argument("--epochs", type=int, default=None, help="default: the heuristic")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument(
+        "--sqrt-lr",
+        action="store_true",
+        help="scale the learning rate as 1e-3 * sqrt(batch / smallest batch)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -65,7 +71,9 @@ def main() -> None:
             AmbientRegularizedSCVI.setup_anndata(data, batch_key=args.batch_key)
             model = AmbientRegularizedSCVI(data)
             start = time.perf_counter()
+            lr = 1e-3 * (batch_size / sizes[0]) ** 0.5 if args.sqrt_lr else 1e-3
             model.train(
+                lr=lr,
                 max_epochs=args.epochs,
                 batch_size=batch_size,
                 enable_progress_bar=False,

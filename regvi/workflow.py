@@ -87,6 +87,7 @@ def train_arguments(cfg: DictConfig, logger: Any = False) -> dict[str, Any]:
         "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val,
         "deterministic": t.deterministic,
+        "reuse_host_memory": t.reuse_host_memory,
         "split_seed": cfg.seed,
         "logger": logger,
         "enable_progress_bar": t.enable_progress_bar,
