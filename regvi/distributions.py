@@ -58,56 +58,83 @@ def gamma_poisson_log_prob_sparse(
     The log-Gamma terms (and the digammas of their gradients), the costliest part of the
     likelihood, are evaluated on the non-zero entries only. ``mu`` and ``log_theta`` are
     dense ``(cells, features)``; θ comes on the log scale (as it is sampled), saving a log.
-
-    The dense part is one autograd node with hand-written gradients, using
-    :math:`r = \theta/(\theta+\mu) = e^{D}`:
-
-    .. math::
-        \frac{\partial}{\partial\mu}\sum\theta D = -r, \qquad
-        \frac{\partial}{\partial\log\theta}\sum\theta D = \theta\,(D + 1 - r),
-
-    so the forward pass makes two cells x features buffers (θ and D, kept for the backward)
-    and the backward three, where composing the elementwise ops makes about a dozen.
+    See :class:`_SparseGammaPoisson` for the gradients.
     """
     log_theta = log_theta.expand_as(mu)
-    dense = _GammaPoissonZeroPart.apply(mu, log_theta, eps)
-    x = counts.values
-    mu_x = counts.gather(mu)
-    log_theta_x = counts.gather(log_theta)
-    theta_x = torch.exp(log_theta_x)
-    stored = (
-        x * (torch.log(mu_x + eps) - torch.log(theta_x + mu_x + eps))
-        + torch.lgamma(x + theta_x)
-        - torch.lgamma(theta_x)
-        - torch.lgamma(x + 1.0)
+    return _SparseGammaPoisson.apply(
+        mu, log_theta, counts.values, counts.flat_index, counts.offsets, eps
     )
-    return dense + counts.row_sums(stored)
 
 
-class _GammaPoissonZeroPart(torch.autograd.Function):
-    r""":math:`\sum_g \theta_g(\log\theta_g - \log(\theta_g+\mu_g+\epsilon))` per row, with
-    the gradients of :func:`gamma_poisson_log_prob_sparse` (computed in float32 at least)."""
+class _SparseGammaPoisson(torch.autograd.Function):
+    r"""The likelihood of :func:`gamma_poisson_log_prob_sparse` as one autograd node.
+
+    With :math:`r = \theta/(\theta+\mu) = e^{D}` the gradients are
+
+    .. math::
+        \frac{\partial\log p}{\partial\mu} = -r + [x>0]\,x\Big(\frac1\mu
+            - \frac1{\theta+\mu}\Big),\qquad
+        \frac{\partial\log p}{\partial\log\theta} = \theta(D + 1 - r)
+            + [x>0]\,\theta\Big(\psi(x+\theta) - \psi(\theta) - \frac{x}{\theta+\mu}\Big).
+
+    The forward pass keeps two cells x features buffers (θ and D) and the backward writes the
+    dense gradients in place and adds the stored entries' terms into them with one scatter,
+    where composing the elementwise ops autograd-style makes about twenty such buffers.
+    Computed in float32 at least (under autocast too); gradients come back in the inputs'
+    dtypes.
+    """
 
     @staticmethod
-    def forward(ctx, mu: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        ctx,
+        mu: torch.Tensor,
+        log_theta: torch.Tensor,
+        x: torch.Tensor,
+        flat_index: torch.Tensor,
+        offsets: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
         ctx.input_dtypes = (mu.dtype, log_theta.dtype)
         dtype = torch.promote_types(mu.dtype, torch.float32)
-        mu, log_theta = mu.to(dtype), log_theta.to(dtype)
+        mu, log_theta, x = mu.to(dtype), log_theta.to(dtype), x.to(dtype)
         theta = torch.exp(log_theta)
         d = torch.add(theta, mu).add_(eps).log_()  # L = log(θ + μ + ε)
         torch.sub(log_theta, d, out=d)  # D = log θ - L, in place
-        ctx.save_for_backward(theta, d)
-        return torch.einsum("ng,ng->n", theta, d)
+        dense = torch.einsum("ng,ng->n", theta, d)
+        # stored entries
+        mu_x = mu.reshape(-1).index_select(0, flat_index)
+        log_theta_x = log_theta.reshape(-1).index_select(0, flat_index)
+        theta_x = torch.exp(log_theta_x)
+        log_theta_mu_x = log_theta_x - d.reshape(-1).index_select(0, flat_index)
+        stored = (
+            x * (torch.log(mu_x + eps) - log_theta_mu_x)
+            + torch.lgamma(x + theta_x)
+            - torch.lgamma(theta_x)
+            - torch.lgamma(x + 1.0)
+        )
+        ctx.save_for_backward(theta, d, x, mu_x, theta_x, flat_index, offsets)
+        ctx.eps = eps
+        return dense + torch.segment_reduce(stored, "sum", offsets=offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        theta, d = ctx.saved_tensors
-        g = grad.to(theta.dtype)[:, None]
+        theta, d, x, mu_x, theta_x, flat_index, offsets = ctx.saved_tensors
+        eps = ctx.eps
+        grad = grad.to(theta.dtype)
+        g = grad[:, None]
         r = torch.exp(d)  # θ / (θ + μ)
         grad_log_theta = torch.sub(d, r).add_(1.0).mul_(theta).mul_(g)
         grad_mu = r.mul_(g).neg_()
+        # stored entries, each cell's gradient repeated over its entries
+        g_x = torch.repeat_interleave(grad, torch.diff(offsets), output_size=x.shape[0])
+        x_over_sum = x / (theta_x + mu_x + eps)
+        grad_mu_x = (x / (mu_x + eps) - x_over_sum).mul_(g_x)
+        digamma_diff = torch.digamma(x + theta_x).sub_(torch.digamma(theta_x))
+        grad_log_theta_x = digamma_diff.sub_(x_over_sum).mul_(theta_x).mul_(g_x)
+        grad_mu.view(-1).scatter_add_(0, flat_index, grad_mu_x)
+        grad_log_theta.view(-1).scatter_add_(0, flat_index, grad_log_theta_x)
         mu_dtype, log_theta_dtype = ctx.input_dtypes
-        return grad_mu.to(mu_dtype), grad_log_theta.to(log_theta_dtype), None
+        return grad_mu.to(mu_dtype), grad_log_theta.to(log_theta_dtype), None, None, None, None
 
 
 def gamma_log_prob(

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from regvi.data.loader import CsrMinibatchDataset, make_dataloader, stratified_split
 from regvi.errors import DataError, RegviError
 from regvi.outputs import atomic_write
-from regvi.train import EpochCheckpoint, HistoryCallback, TrainingPlan
+from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
 from regvi.train.host_memory import MMAP_THRESHOLD_MAX
 from regvi.train.host_memory import reuse_host_memory as reuse_host_memory_scope
 
@@ -166,9 +166,14 @@ class BaseModel:
             weight_decay=weight_decay,
             eps=eps,
             kl_warmup_steps=warmup_steps,
+            gradient_clip_val=gradient_clip_val,
         )
         history = HistoryCallback()
         all_callbacks: list[pl.Callback] = [history, *(callbacks or [])]
+        if enable_progress_bar and not any(
+            isinstance(c, pl.callbacks.ProgressBar) for c in all_callbacks
+        ):
+            all_callbacks.append(ThrottledProgressBar())
         if n_processes > 1 and checkpoint_dir is None:
             # The worker processes' history comes back through the last checkpoint.
             self._ddp_tmp = tempfile.TemporaryDirectory(prefix="regvi-ddp-")
@@ -203,7 +208,6 @@ class BaseModel:
             enable_checkpointing=False,
             num_sanity_val_steps=0,
             log_every_n_steps=max(1, min(50, steps_per_epoch)),
-            gradient_clip_val=gradient_clip_val,
             limit_val_batches=None if val_loader is not None else 0,
             **trainer_kwargs,
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pandas as pd
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -80,3 +82,35 @@ class EpochCheckpoint(pl.Callback):
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if epoch % self.every_n_epochs == 0 or last or trainer.should_stop:
             self._save(trainer)
+
+
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, redrawn at most every ``min_interval`` seconds.
+
+    The stock bar redraws after every batch, ~0.4 ms a step (4% of a batch-128 step on a CPU);
+    the counts shown are the same, only redrawn less often (and always at an epoch's end).
+    """
+
+    def __init__(self, min_interval: float = 0.25):
+        super().__init__(refresh_rate=1)
+        self.min_interval = min_interval
+        self._last_draw = 0.0
+
+    def _due(self, batch_idx: int, total: int | float | None) -> bool:
+        now = time.monotonic()
+        if now - self._last_draw >= self.min_interval or batch_idx + 1 == total:
+            self._last_draw = now
+            return True
+        return False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._due(batch_idx, self.total_train_batches):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self._due(batch_idx, self.total_val_batches_current_dataloader):
+            super().on_validation_batch_end(
+                trainer, pl_module, outputs, batch, batch_idx, dataloader_idx
+            )
