@@ -111,27 +111,27 @@ class FCLayers(nn.Module):
     ) -> torch.Tensor:
         """``x`` dense ``(B, n_in)`` or sparse; ``continuous`` ``(B, C)`` columns, if given, are
         appended to ``x`` (so ``n_in`` counts them)."""
-        for i, (dropout, linear, inject, norm, act) in enumerate(
-            zip(
-                self.dropouts,
-                self.linears,
-                self.injections,
-                self.norms,
-                self.activations,
-                strict=True,
-            )
+        h = self._first_input(x, continuous)
+        for i, (linear, inject, norm, act) in enumerate(
+            zip(self.linears, self.injections, self.norms, self.activations, strict=True)
         ):
-            if i == 0:
-                if isinstance(x, SparseCounts):
-                    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-                    x = x.dropout_to_dense(p, self.training)
-                else:
-                    x = dropout(x)
-                if continuous is not None and continuous.shape[-1]:
-                    x = torch.cat([x, dropout(continuous)], dim=-1)
-            else:
-                x = dropout(x)
-            x = act(norm(linear(x) + inject(cat_codes)))
+            if i > 0:
+                h = self.dropouts[i](h)
+            h = act(norm(linear(h) + inject(cat_codes)))
+        return h
+
+    def _first_input(
+        self, x: torch.Tensor | SparseCounts, continuous: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The first layer's input after its dropout, dense on ``x``'s device."""
+        dropout = self.dropouts[0]
+        if isinstance(x, SparseCounts):
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            x = x.dropout_to_dense(p, self.training)
+        else:
+            x = dropout(x)
+        if continuous is not None and continuous.shape[-1]:
+            x = torch.cat([x, dropout(continuous)], dim=-1)
         return x
 
 
