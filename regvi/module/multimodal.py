@@ -200,5 +200,5 @@ class RegularizedMultimodalVAE(nn.Module):
         elbo = reconstruction + kl_z + kl_library + global_penalty
         terms.update(local)
         terms["global_penalty"] = global_penalty
-        terms.update({name: value / n_obs for name, value in penalties.items()})
+        terms.update({name: value.detach() / n_obs for name, value in penalties.items()})
         return LossOutput(loss=loss, elbo=elbo, terms=terms)

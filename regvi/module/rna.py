@@ -95,7 +95,7 @@ class RegularizedVAE(nn.Module):
             "kl_z": kl_z,
             "kl_library": kl_library,
             "global_penalty": global_penalty,
-            **{name: value / n_obs for name, value in penalties.items()},
+            **{name: value.detach() / n_obs for name, value in penalties.items()},
         }
         return LossOutput(loss=loss, elbo=elbo, terms=terms)
 
