@@ -144,7 +144,10 @@ def write_multimodal_outputs(
 
     o = cfg.outputs
     written: dict[str, Path] = {}
-    joint = model.get_latent_representation(batch_size=o.batch_size)
+    bars = cfg.trainer.enable_progress_bar
+    joint = model.get_latent_representation(
+        batch_size=o.batch_size, progress="latent" if bars else None
+    )
     mdata.obsm[LATENT_KEY] = joint
     for m, cols in model.latent_blocks.items():
         mdata.obsm[f"{LATENT_KEY}_{m}"] = joint[:, cols]
@@ -156,11 +159,17 @@ def write_multimodal_outputs(
         for m in asked:
             values = np.empty((mdata.n_obs, len(model.feature_names[m])), dtype=np.float32)
             model.get_normalized_expression(
-                m, library_size=o.normalized_library_size, batch_size=o.batch_size, out=values
+                m,
+                library_size=o.normalized_library_size,
+                batch_size=o.batch_size,
+                out=values,
+                progress=f"normalized {m}" if bars else None,
             )
             rows = mdata.obs_names.get_indexer(mdata.mod[m].obs_names)
             mdata.mod[m].layers[NORMALIZED_LAYER] = values[rows]
-    table = model.get_modality_attribution(batch_size=min(o.batch_size, 256))
+    table = model.get_modality_attribution(
+        batch_size=min(o.batch_size, 256), progress="attribution" if bars else None
+    )
     for col, values in attribution_obs_columns(table).items():
         mdata.obs[col] = values.to_numpy()
     if o.figures:

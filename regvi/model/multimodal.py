@@ -320,13 +320,15 @@ class RegularizedMultimodalVI(BaseModel):
         give_mean: bool = True,
         batch_size: int = 1024,
         modality: str | None = None,
+        progress: str | None = None,
     ) -> np.ndarray:
         """Joint posterior mean of z (``[z_atac; z_rna]``), or one sample with
         ``give_mean=False``; ``modality`` returns only that block. Cells not measured in a
-        modality have a block mean of exactly 0 (the prior)."""
+        modality have a block mean of exactly 0 (the prior). ``progress`` names a progress
+        bar over the batches."""
         cols = slice(None) if modality is None else self._block(modality)
         parts = []
-        for batch in self._iterate(mdata, indices, batch_size):
+        for batch in self._iterate(mdata, indices, batch_size, progress):
             inf = self.module.inference(batch)
             posterior = torch.distributions.Normal(inf["qz_mean"], inf["qz_var"].sqrt())
             parts.append(
@@ -356,15 +358,17 @@ class RegularizedMultimodalVI(BaseModel):
         include_ambient: bool = False,
         batch_size: int = 1024,
         out: np.ndarray | None = None,
+        progress: str | None = None,
     ) -> np.ndarray:
         r"""Denoised values of one modality from the posterior mean of z, in batches:
         :math:`\rho/\sum\rho \times` ``library_size`` (ambient optional, feature scaling
         excluded), or the full rate :math:`\mu` at the inferred library with
-        ``library_size="latent"``. ``out`` may be a preallocated float32 array to fill."""
+        ``library_size="latent"``. ``out`` may be a preallocated float32 array to fill;
+        ``progress`` names a progress bar over the batches."""
         self._block(modality)
         part = self.module.modalities[modality]
         filled, pieces = 0, []
-        for batch in self._iterate(mdata, indices, batch_size):
+        for batch in self._iterate(mdata, indices, batch_size, progress):
             inf = self.module.inference(batch)
             lib = inf["per_modality"][modality]["library"]["library"]
             if library_size == "latent":
@@ -390,6 +394,7 @@ class RegularizedMultimodalVI(BaseModel):
         method: str = "jvp",
         eps: float = 1e-5,
         target: str = "rate",
+        progress: str | None = None,
     ) -> pd.DataFrame:
         r"""Per cell, for each decoder, the Frobenius norm of the Jacobian of its output with
         respect to each modality's latent block (see :mod:`regvi.attribution`).
@@ -404,6 +409,7 @@ class RegularizedMultimodalVI(BaseModel):
         1e-5 straddles ReLU kinks of some cells: eps=1e-3 gives errors of a few percent).
 
         Returns a DataFrame, rows = cells, columns = MultiIndex ``(decoder, block)``.
+        ``progress`` names a progress bar over the batches.
         """
         module = self.module
         if method == "finite_difference":  # float64: differences of large rates lose digits
@@ -411,7 +417,7 @@ class RegularizedMultimodalVI(BaseModel):
         scores: dict[tuple[str, str], list[np.ndarray]] = {
             (d, b): [] for d in self.modality_names for b in self.modality_names
         }
-        for batch in self._iterate(mdata, indices, batch_size):
+        for batch in self._iterate(mdata, indices, batch_size, progress):
             with torch.no_grad():
                 inf = self.module.inference(batch)
             dtype = next(module.parameters()).dtype
