@@ -114,3 +114,27 @@ def test_ambient_sums_over_keys():
     with torch.no_grad():
         amb.log_ambient.copy_(torch.log(torch.tensor([[1.0, 2], [3, 4], [5, 6]])))
     torch.testing.assert_close(amb.per_cell(torch.tensor([[0, 2]])), torch.tensor([[6.0, 8.0]]))
+
+
+def test_single_category_tables_broadcast_like_a_per_cell_lookup():
+    from regvi.module.components import HierarchicalDispersion, per_cell_rows
+
+    table = torch.randn(1, 5)
+    codes = torch.zeros(4, 1, dtype=torch.long)
+    broadcast = per_cell_rows(table, codes, "sum")
+    assert broadcast.shape == (1, 5)
+    torch.testing.assert_close(broadcast.expand(4, 5), table[codes[:, 0]])
+    dispersion = HierarchicalDispersion(n_groups=1, n_features=5)
+    groups = torch.zeros(4, dtype=torch.long)
+    dispersion.eval()
+    torch.testing.assert_close(
+        dispersion.log_theta(groups), dispersion.log_theta_mean.detach().expand(4, 5)
+    )
+    dispersion.train()
+    torch.manual_seed(0)
+    drawn = dispersion.log_theta(groups)
+    torch.manual_seed(0)
+    noise = torch.randn(4, 5)
+    expected = dispersion.log_theta_mean + torch.exp(dispersion.log_theta_log_sigma) * noise
+    assert drawn.shape == (4, 5)
+    torch.testing.assert_close(drawn, expected)

@@ -31,7 +31,10 @@ FEATURE_SCALING_DIVISOR = 0.7
 def per_cell_rows(table: torch.Tensor, codes: torch.Tensor, combine: str) -> torch.Tensor:
     """Each cell's row of ``table`` for its category codes ``(B, n_keys)``, combined over
     keys by ``"sum"`` or ``"prod"``; ``(B, n_features)``. With one key (the usual case) the
-    lookup is the result, with no extra pass over cells x features."""
+    lookup is the result, with no extra pass over cells x features; a one-row table (a
+    single category) comes back as ``(1, n_features)``, broadcasting over the cells."""
+    if table.shape[0] == 1:
+        return table
     if codes.shape[1] == 1:
         return F.embedding(codes[:, 0], table)
     rows = F.embedding(codes, table)
@@ -164,11 +167,19 @@ class HierarchicalDispersion(nn.Module):
         r""":math:`\log\theta` for each cell's group, ``(B, G)``: a draw
         :math:`\mu + \sigma\epsilon` per (cell, feature) in training, the median :math:`\mu`
         in eval."""
-        mean = F.embedding(group_codes, self.log_theta_mean)
-        if not self.training:
-            return mean
-        sigma = F.embedding(group_codes, torch.exp(self.log_theta_log_sigma))
-        return torch.addcmul(mean, sigma, torch.randn_like(mean))
+        n_cells, n_features = group_codes.shape[0], self.log_theta_mean.shape[1]
+        if self.log_theta_mean.shape[0] == 1:
+            # one group: broadcast the (1, G) rows instead of copying them for every cell
+            mean, sigma = self.log_theta_mean, torch.exp(self.log_theta_log_sigma)
+            if not self.training:
+                return mean.expand(n_cells, n_features)
+        else:
+            mean = F.embedding(group_codes, self.log_theta_mean)
+            if not self.training:
+                return mean
+            sigma = F.embedding(group_codes, torch.exp(self.log_theta_log_sigma))
+        noise = torch.randn(n_cells, n_features, dtype=mean.dtype, device=mean.device)
+        return torch.addcmul(mean, sigma, noise)
 
     def theta(self, group_codes: torch.Tensor) -> torch.Tensor:
         """θ for each cell's group, ``(B, G)``; sampled in training, the median in eval."""
