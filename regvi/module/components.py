@@ -99,7 +99,6 @@ class FeatureScaling(nn.Module):
     ):
         super().__init__()
         self.raw = nn.Parameter(torch.zeros(max(n_categories, 1), n_features))
-        self.has_covariates = n_categories > 0
         self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
 
     def factors(self) -> torch.Tensor:
@@ -107,10 +106,7 @@ class FeatureScaling(nn.Module):
 
     def per_cell(self, codes: torch.Tensor) -> torch.Tensor:
         """Scaling of each cell, ``(B, G)`` (or ``(1, G)`` without covariates)."""
-        y = self.factors()
-        if not self.has_covariates:
-            return y
-        return per_cell_rows(y, codes, "prod")
+        return per_cell_rows(self.factors(), codes, "prod")
 
     def penalty(self) -> torch.Tensor:
         r""":math:`-\sum_{t,g}\log\mathrm{Gamma}(y_{t,g}; 200, 200)`."""
@@ -168,22 +164,14 @@ class HierarchicalDispersion(nn.Module):
         :math:`\mu + \sigma\epsilon` per (cell, feature) in training, the median :math:`\mu`
         in eval."""
         n_cells, n_features = group_codes.shape[0], self.log_theta_mean.shape[1]
-        if self.log_theta_mean.shape[0] == 1:
-            # one group: broadcast the (1, G) rows instead of copying them for every cell
-            mean, sigma = self.log_theta_mean, torch.exp(self.log_theta_log_sigma)
-            if not self.training:
-                return mean.expand(n_cells, n_features)
-        else:
-            mean = F.embedding(group_codes, self.log_theta_mean)
-            if not self.training:
-                return mean
-            sigma = F.embedding(group_codes, torch.exp(self.log_theta_log_sigma))
+        codes = group_codes[:, None]
+        # (1, G) with a single group: broadcast instead of a copy per cell
+        mean = per_cell_rows(self.log_theta_mean, codes, "sum")
+        if not self.training:
+            return mean.expand(n_cells, n_features)
+        sigma = per_cell_rows(torch.exp(self.log_theta_log_sigma), codes, "sum")
         noise = torch.randn(n_cells, n_features, dtype=mean.dtype, device=mean.device)
         return torch.addcmul(mean, sigma, noise)
-
-    def theta(self, group_codes: torch.Tensor) -> torch.Tensor:
-        """θ for each cell's group, ``(B, G)``; sampled in training, the median in eval."""
-        return torch.exp(self.log_theta(group_codes))
 
     def penalty(self) -> torch.Tensor:
         r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`.
