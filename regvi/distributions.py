@@ -75,7 +75,9 @@ class _SparseGammaPoisson(torch.autograd.Function):
         \frac{\partial\log p}{\partial\mu} = -r + [x>0]\,x\Big(\frac1\mu
             - \frac1{\theta+\mu}\Big),\qquad
         \frac{\partial\log p}{\partial\log\theta} = \theta(D + 1 - r)
-            + [x>0]\,\theta\Big(\psi(x+\theta) - \psi(\theta) - \frac{x}{\theta+\mu}\Big).
+            + [x>0]\,\theta\Big(\psi(x+\theta) - \psi(\theta) - \frac{x}{\theta+\mu}\Big),
+
+    the digamma difference by :func:`digamma_increment`.
 
     The forward pass keeps two cells x features buffers (θ and D) and the backward writes the
     dense gradients in place and adds the stored entries' terms into them with one scatter,
@@ -129,12 +131,49 @@ class _SparseGammaPoisson(torch.autograd.Function):
         g_x = torch.repeat_interleave(grad, torch.diff(offsets), output_size=x.shape[0])
         x_over_sum = x / (theta_x + mu_x + eps)
         grad_mu_x = (x / (mu_x + eps) - x_over_sum).mul_(g_x)
-        digamma_diff = torch.digamma(x + theta_x).sub_(torch.digamma(theta_x))
-        grad_log_theta_x = digamma_diff.sub_(x_over_sum).mul_(theta_x).mul_(g_x)
+        grad_log_theta_x = digamma_increment(x, theta_x).sub_(x_over_sum).mul_(theta_x).mul_(g_x)
         grad_mu.view(-1).scatter_add_(0, flat_index, grad_mu_x)
         grad_log_theta.view(-1).scatter_add_(0, flat_index, grad_log_theta_x)
         mu_dtype, log_theta_dtype = ctx.input_dtypes
         return grad_mu.to(mu_dtype), grad_log_theta.to(log_theta_dtype), None, None, None, None
+
+
+def digamma_increment(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    r""":math:`\psi(\theta + x) - \psi(\theta)` for :math:`\theta > 0,\ x \ge 0`, accurate in
+    float32 for every :math:`\theta` and about three times faster than two ``torch.digamma``
+    calls on CPU (where digamma is not vectorised).
+
+    Written as a difference throughout, so nothing cancels when :math:`\theta \gg x` (the
+    difference of two digammas loses every digit there in float32: relative error 0.8 at
+    :math:`\theta = 10^6`, against :math:`3\cdot10^{-7}` here). With the recurrence
+    :math:`\psi(y) = \psi(y + 6) - \sum_{i<6} 1/(y+i)`, :math:`a = \theta + 6`,
+    :math:`b = a + x` and the asymptotic series of :math:`\psi` from :math:`a, b \ge 6`:
+
+    .. math::
+        \psi(\theta+x) - \psi(\theta) = \sum_{i=0}^{5}\frac{x}{(\theta+i)(\theta+x+i)}
+            + \log\Big(1 + \frac{x}{a}\Big) + \frac{x}{2ab} + P(1/a) - P(1/b),
+        \qquad P(w) = \frac{w^2}{12} - \frac{w^4}{120} + \frac{w^6}{252} - \frac{w^8}{240}
+
+    (truncation error below :math:`10^{-9}`). The products in the sum are updated in place:
+    :math:`(\theta+i)(\theta+x+i) = \theta(\theta+x) + i(2\theta+x) + i^2`.
+    """
+    step = 2.0 * theta + x
+    product = (theta + x).mul_(theta)
+    total = x / product
+    for i in range(1, 6):
+        total.addcdiv_(x, product.add_(step).add_(2 * i - 1))
+    inv_a = (theta + 6.0).reciprocal_()
+    inv_b = (theta + 6.0).add_(x).reciprocal_()
+    total.add_(torch.mul(x, inv_a).log1p_()).addcmul_(inv_a, inv_b * x, value=0.5)
+    inv_a.square_()
+    inv_b.square_()
+    return total.add_(_asymptotic_digamma_tail(inv_a)).sub_(_asymptotic_digamma_tail(inv_b))
+
+
+def _asymptotic_digamma_tail(inv_sq: torch.Tensor) -> torch.Tensor:
+    """:math:`P(w)` of :func:`digamma_increment` from :math:`w^2` (Horner, in place on a copy)."""
+    poly = torch.mul(inv_sq, -1.0 / 240.0).add_(1.0 / 252.0).mul_(inv_sq)
+    return poly.sub_(1.0 / 120.0).mul_(inv_sq).add_(1.0 / 12.0).mul_(inv_sq)
 
 
 def gamma_log_prob(
@@ -242,6 +281,7 @@ def softplus_inverse(y: torch.Tensor, threshold: float = 20.0) -> torch.Tensor:
 __all__ = [
     "gamma_poisson_log_prob",
     "gamma_poisson_log_prob_sparse",
+    "digamma_increment",
     "gamma_log_prob",
     "exponential_log_prob",
     "normal_log_prob",

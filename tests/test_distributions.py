@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats as st
 import torch
+from scipy import special
 
 from regvi import distributions as D
 
@@ -85,3 +86,18 @@ def test_dispersion_kl_matches_monte_carlo_in_u_space(mu, sigma, rate):
 def test_softplus_inverse_roundtrip():
     y = torch.tensor([1e-4, 0.01, 1.0, 5.0, 19.9, 25.0, 1e3], dtype=torch.float64)
     torch.testing.assert_close(torch.nn.functional.softplus(D.softplus_inverse(y)), y)
+
+
+def test_digamma_increment_matches_scipy_and_stays_accurate_in_float32():
+    theta = np.tile(np.logspace(-3, 6, 400), 4)
+    x = np.repeat([1.0, 2.0, 37.0, 5000.0], 400)
+    expected = special.digamma(theta + x) - special.digamma(theta)
+    got64 = D.digamma_increment(torch.tensor(x), torch.tensor(theta)).numpy()
+    np.testing.assert_allclose(got64, expected, rtol=1e-8)
+    # float32: no cancellation at theta >> x, where two digamma calls lose every digit
+    got32 = D.digamma_increment(
+        torch.tensor(x, dtype=torch.float32), torch.tensor(theta, dtype=torch.float32)
+    )
+    np.testing.assert_allclose(got32.double().numpy(), expected, rtol=2e-6)
+    # x = 1 is exactly 1/theta
+    np.testing.assert_allclose(got64[:400], 1.0 / theta[:400], rtol=1e-9)
