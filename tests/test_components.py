@@ -134,7 +134,22 @@ def test_single_category_tables_broadcast_like_a_per_cell_lookup():
     torch.manual_seed(0)
     drawn = dispersion.log_theta(groups)
     torch.manual_seed(0)
-    noise = torch.randn(4, 5)
+    half = torch.randn(2, 5)
+    noise = torch.cat([half, -half])  # antithetic pairs of cells
     expected = dispersion.log_theta_mean + torch.exp(dispersion.log_theta_log_sigma) * noise
     assert drawn.shape == (4, 5)
     torch.testing.assert_close(drawn, expected)
+
+
+def test_antithetic_noise_pairs_rows_and_is_standard_normal():
+    from regvi.module.components import antithetic_normal
+
+    torch.manual_seed(0)
+    odd = antithetic_normal(5, 3, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(odd[3:], -odd[:2])  # the middle row of an odd count is unpaired
+    noise = antithetic_normal(2000, 500, torch.float64, torch.device("cpu"))
+    assert abs(noise.mean().item()) < 1e-12  # exact: the pairs cancel
+    assert abs(noise.var().item() - 1.0) < 0.01
+    # each half is an independent standard normal sample
+    first = noise[:1000].flatten()
+    assert abs(first.mean().item()) < 0.01 and abs(first.std().item() - 1.0) < 0.01

@@ -41,6 +41,26 @@ def per_cell_rows(table: torch.Tensor, codes: torch.Tensor, combine: str) -> tor
     return rows.sum(dim=1) if combine == "sum" else rows.prod(dim=1)
 
 
+def antithetic_normal(
+    n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    r"""Standard normal noise ``(n_rows, n_cols)`` whose second half of rows is the negated
+    first half: :math:`\epsilon_{h+n} = -\epsilon_n` with :math:`h = \lceil n_{rows}/2\rceil`.
+
+    Every entry is still :math:`\mathcal N(0, 1)`, so a Monte-Carlo estimate using it stays
+    unbiased; the pairs are antithetic variates, which lower its variance when the integrand
+    is monotone in :math:`\epsilon` (the likelihood is, in :math:`\log\theta`), and only
+    half the numbers are drawn (the per-(cell, feature) normal draws were the single largest
+    elementwise cost of a CPU training step). Rows are cells of a shuffled minibatch, so
+    which cells are paired is random.
+    """
+    noise = torch.empty(n_rows, n_cols, dtype=dtype, device=device)
+    half = (n_rows + 1) // 2
+    noise[:half].normal_()
+    torch.neg(noise[: n_rows - half], out=noise[half:])
+    return noise
+
+
 class AmbientBackground(nn.Module):
     r"""Additive ambient RNA :math:`s_{b,g} = \exp(\beta_{b,g})` per ambient category.
 
@@ -126,9 +146,10 @@ class HierarchicalDispersion(nn.Module):
     Gamma(9, 3)). Initialisation :math:`\mu = -\log m^2 + 0.1\epsilon` (θ ≈ 9),
     :math:`\log\sigma = \log 0.1`.
 
-    Training draws :math:`\theta = \exp(\mu + \sigma\epsilon)` independently for every
-    (cell, feature) (lower-variance, unbiased estimate of the expected log-likelihood); eval
-    mode uses the median :math:`\exp(\mu)`.
+    Training draws :math:`\theta = \exp(\mu + \sigma\epsilon)` for every (cell, feature)
+    (lower-variance, unbiased estimate of the expected log-likelihood), with antithetic
+    pairs of cells (see :func:`antithetic_normal`); eval mode uses the median
+    :math:`\exp(\mu)`.
     """
 
     def __init__(
@@ -170,7 +191,7 @@ class HierarchicalDispersion(nn.Module):
         if not self.training:
             return mean.expand(n_cells, n_features)
         sigma = per_cell_rows(torch.exp(self.log_theta_log_sigma), codes, "sum")
-        noise = torch.randn(n_cells, n_features, dtype=mean.dtype, device=mean.device)
+        noise = antithetic_normal(n_cells, n_features, dtype=mean.dtype, device=mean.device)
         return torch.addcmul(mean, sigma, noise)
 
     def penalty(self) -> torch.Tensor:
