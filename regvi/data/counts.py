@@ -140,7 +140,8 @@ class SparseCounts:
         """Dense ``(cells, features)`` matrix holding ``values`` (default: the counts)."""
         values = self.values if values is None else values
         out = values.new_zeros(self.n_cells * self.n_features)
-        return out.index_put((self.flat_index,), values).view(self.n_cells, self.n_features)
+        # in place: one cells x features buffer, not a zero buffer and a filled copy
+        return out.index_put_((self.flat_index,), values).view(self.n_cells, self.n_features)
 
     def dropout_to_dense(self, p: float, training: bool) -> torch.Tensor:
         """Dense matrix of the values after dropout with probability ``p`` (none when not
