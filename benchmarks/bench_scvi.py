@@ -85,7 +85,7 @@ def _worker(tool: str, train_path: str, test_path: str, cfg: dict) -> dict:
         AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
         model = AmbientRegularizedSCVI(adata, **arch)
         start = time.perf_counter()
-        model.train(**train_kwargs)
+        model.train(**train_kwargs, reuse_host_memory=cfg["reuse_host_memory"])
         seconds = time.perf_counter() - start
         nll = model.get_reconstruction_error(test)
     else:
@@ -138,6 +138,12 @@ def main() -> None:
     parser.add_argument("--n-latent", type=int, default=10)
     parser.add_argument("--n-layers", type=int, default=1)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument(
+        "--reuse-host-memory",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="regvi's trainer.reuse_host_memory (auto: on when a step's buffers pass 32 MB)",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -158,6 +164,9 @@ def main() -> None:
                 "n_latent": args.n_latent,
                 "n_layers": args.n_layers,
                 "accelerator": args.accelerator,
+                "reuse_host_memory": {"auto": None, "on": True, "off": False}[
+                    args.reuse_host_memory
+                ],
             }
             r = _run_worker("regvi", train_path, test_path, cfg)
             s = _run_worker("scvi", train_path, test_path, cfg)

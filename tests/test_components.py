@@ -153,3 +153,42 @@ def test_antithetic_noise_pairs_rows_and_is_standard_normal():
     # each half is an independent standard normal sample
     first = noise[:1000].flatten()
     assert abs(first.mean().item()) < 0.01 and abs(first.std().item() - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("ambient_rows", [None, 1, 6])
+@pytest.mark.parametrize("scaling_rows", [None, 1, 6])
+def test_expected_counts_node_matches_the_formula_and_its_gradients(ambient_rows, scaling_rows):
+    from regvi.module.components import expected_counts
+
+    torch.manual_seed(0)
+    rho = torch.rand(6, 5, dtype=torch.float64, requires_grad=True)
+    log_library = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def rows(n):
+        return (
+            None if n is None else torch.rand(n, 5, dtype=torch.float64).add_(0.5).requires_grad_()
+        )
+
+    ambient, scaling = rows(ambient_rows), rows(scaling_rows)
+    inputs = [t for t in (rho, log_library, ambient, scaling) if t is not None]
+    expression = rho + (ambient if ambient is not None else 0.0)
+    expression = expression * (scaling if scaling is not None else 1.0)
+    expected = torch.exp(log_library)[:, None] * expression
+    mu = expected_counts(rho, log_library, ambient, scaling)
+    torch.testing.assert_close(mu, expected, rtol=1e-12, atol=0)
+    upstream = torch.randn(6, 5, dtype=torch.float64)
+    got = torch.autograd.grad(mu, inputs, upstream)
+    want = torch.autograd.grad(expected, inputs, upstream)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+    def from_inputs(*args):
+        it = iter(args)
+        return expected_counts(
+            next(it),
+            next(it),
+            next(it) if ambient is not None else None,
+            next(it) if scaling is not None else None,
+        )
+
+    assert torch.autograd.gradcheck(from_inputs, inputs)

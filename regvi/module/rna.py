@@ -82,8 +82,9 @@ class RegularizedVAE(nn.Module):
     ) -> LossOutput:
         """The objective for one minibatch; ``n_obs`` is the training-set size N."""
         inf = self.inference(batch)
-        gen = self.generative(inf["z"], inf["library"]["library"], batch)
-        reconstruction = self.rna.reconstruction_loss(batch["x"], gen["mu"], batch).mean()
+        # only μ: ρ is not kept alive through the likelihood (one cells x genes buffer)
+        mu = self.generative(inf["z"], inf["library"]["library"], batch)["mu"]
+        reconstruction = self.rna.reconstruction_loss(batch["x"], mu, batch).mean()
         kl_z = kl_normal_standard(inf["qz_mean"], inf["qz_var"]).sum(dim=-1).mean()
         kl_library = inf["library"]["kl"].mean()
         penalties = self.rna.penalties()
