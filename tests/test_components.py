@@ -192,3 +192,17 @@ def test_expected_counts_node_matches_the_formula_and_its_gradients(ambient_rows
         )
 
     assert torch.autograd.gradcheck(from_inputs, inputs)
+
+    # forward mode too (the modality attribution takes JVPs through it)
+    def plain(*args):
+        it = iter(args)
+        rho_, log_library_ = next(it), next(it)
+        expression = rho_ + (next(it) if ambient is not None else 0.0)
+        expression = expression * (next(it) if scaling is not None else 1.0)
+        return torch.exp(log_library_)[:, None] * expression
+
+    primals = tuple(t.detach() for t in inputs)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    _, got_tangent = torch.func.jvp(from_inputs, primals, tangents)
+    _, want_tangent = torch.func.jvp(plain, primals, tangents)
+    torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-10, atol=1e-12)

@@ -325,20 +325,44 @@ class _ExpectedCounts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rho, log_library, ambient, scaling):
+    def forward(rho, log_library, ambient, scaling):
         dtype = torch.promote_types(rho.dtype, torch.float32)
         if ambient is not None:
             mu = torch.add(rho.to(dtype), ambient.to(dtype))
         else:
             mu = rho.to(dtype, copy=True)
         if scaling is not None:
-            scaling = scaling.to(dtype)
-            mu.mul_(scaling)
-        library_scale = torch.exp(log_library.to(dtype))[:, None]
-        mu.mul_(library_scale)
-        ctx.save_for_backward(mu, library_scale, scaling)
+            mu.mul_(scaling.to(dtype))
+        return mu.mul_(torch.exp(log_library.to(dtype))[:, None])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, log_library, ambient, scaling = inputs
+        saved = (
+            output,
+            torch.exp(log_library.to(output.dtype))[:, None],
+            None if scaling is None else scaling.to(output.dtype),
+        )
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)  # forward mode (torch.func.jvp, used for attribution)
         ctx.ambient_shape = None if ambient is None else ambient.shape
-        return mu
+
+    @staticmethod
+    def jvp(ctx, tangent_rho, tangent_library, tangent_ambient, tangent_scaling):
+        mu, library_scale, scaling = ctx.saved_tensors
+        tangent = torch.zeros_like(mu)
+        if tangent_rho is not None:
+            tangent = tangent + tangent_rho
+        if tangent_ambient is not None:
+            tangent = tangent + tangent_ambient
+        tangent = tangent * library_scale
+        if scaling is not None:
+            tangent = tangent * scaling
+        if tangent_library is not None:
+            tangent = tangent + mu * tangent_library[:, None]
+        if tangent_scaling is not None:
+            tangent = tangent + mu / scaling * tangent_scaling
+        return tangent
 
     @staticmethod
     def backward(ctx, grad):
