@@ -140,9 +140,9 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
         "--reuse-host-memory",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="regvi's trainer.reuse_host_memory (auto: on when a step's buffers pass 32 MB)",
+        choices=["on", "off"],
+        default="on",
+        help="regvi's trainer.reuse_host_memory (default on)",
     )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,9 +164,7 @@ def main() -> None:
                 "n_latent": args.n_latent,
                 "n_layers": args.n_layers,
                 "accelerator": args.accelerator,
-                "reuse_host_memory": {"auto": None, "on": True, "off": False}[
-                    args.reuse_host_memory
-                ],
+                "reuse_host_memory": {"on": True, "off": False}[args.reuse_host_memory],
             }
             r = _run_worker("regvi", train_path, test_path, cfg)
             s = _run_worker("scvi", train_path, test_path, cfg)

@@ -111,7 +111,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     checkpoint_every_n_epochs: int = 1
     deterministic: bool = False
-    reuse_host_memory: bool | None = None
+    reuse_host_memory: bool = True
 
 
 @dataclass

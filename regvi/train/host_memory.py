@@ -6,9 +6,12 @@ with ``munmap`` on free, so every such buffer is page-faulted and zero-filled by
 again on every step: at 20k genes and batch 1024 (80 MB per buffer) that was more than half
 of the step time (942 ms vs 411 ms a step measured on a 2-core CPU). Inside
 :func:`reuse_host_memory` malloc takes large blocks from the heap and keeps freed memory
-there, so the buffers of one step are reused by the next. On exit the defaults are restored
-and the unused heap is returned to the system. Elsewhere (macOS, musl, Windows) it does
-nothing.
+there, so the buffers of one step are reused by the next. Smaller buffers suffer too: heap
+memory freed at the top beyond glibc's (dynamic) trim threshold is returned to the kernel, and
+at a few MB a buffer (2k genes at batch 1024, 20k genes at batch 128) that meant 3,000-18,000
+page faults a step and 5-25% of the step time, varying from run to run. On exit the defaults
+are restored and the unused heap is returned to the system. Elsewhere (macOS, musl, Windows)
+it does nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from contextlib import contextmanager
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-#: glibc's largest mmap threshold on 64-bit systems: larger blocks are always mmap-ed
-MMAP_THRESHOLD_MAX = 32 * 2**20
 # glibc's defaults, restored on exit
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
