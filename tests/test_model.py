@@ -103,3 +103,31 @@ def test_real_pbmc_labels_separate_better_than_technologies():
     assert label_sil > batch_sil, (label_sil, batch_sil)
     held_out = model.history["elbo_validation"]
     assert held_out.iloc[-1] < 0.9 * held_out.iloc[0]
+
+
+def test_deferred_finite_check_stops_within_its_window_and_names_the_term():
+    """The accelerator path (flags kept on the device, read every n steps), run on the CPU."""
+    from regvi.errors import NonFiniteLossError
+
+    adata, _ = simulate(n_cells=600, n_genes=60, n_batches=2, seed=0, return_rho=False)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    model = AmbientRegularizedSCVI(adata)
+    with pytest.raises(NonFiniteLossError, match=r"steps \d+-\d+\); non-finite term\(s\): \w"):
+        model.train(
+            max_epochs=5,
+            batch_size=64,
+            lr=1e6,  # diverges within the first epoch
+            accelerator="cpu",
+            enable_progress_bar=False,
+            finite_check_every_n_steps=4,
+        )
+    # and a healthy run is not stopped by it
+    model = AmbientRegularizedSCVI(adata)
+    model.train(
+        max_epochs=2,
+        batch_size=64,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        finite_check_every_n_steps=4,
+    )
+    assert np.isfinite(model.history["loss_train"]).all()

@@ -88,6 +88,7 @@ class BaseModel:
         checkpoint_every_n_epochs: int = 1,
         resume_from: str | Path | None = None,
         reuse_host_memory: bool = True,
+        finite_check_every_n_steps: int | None = None,
         **trainer_kwargs: Any,
     ) -> BaseModel:
         """Train with Lightning.
@@ -133,6 +134,10 @@ class BaseModel:
             (glibc only; see :mod:`regvi.train.host_memory`): 2.3x faster a step at 20k
             genes and batch 1024, 5-25% at a few MB a buffer (2k genes at batch 1024, 20k at
             128), and steadier; heap fragmentation raises peak RSS a little.
+        finite_check_every_n_steps
+            How often a non-finite loss is looked for: every step on the CPU, every 50 steps
+            (and at each epoch's last step) on accelerators by default, where each look is a
+            host-device synchronisation (see :class:`~regvi.train.plan.TrainingPlan`).
         """
         dataset = self._dataset()
         n_cells = len(dataset)
@@ -165,6 +170,7 @@ class BaseModel:
             eps=eps,
             kl_warmup_steps=warmup_steps,
             gradient_clip_val=gradient_clip_val,
+            finite_check_every_n_steps=finite_check_every_n_steps,
         )
         history = HistoryCallback()
         all_callbacks: list[pl.Callback] = [history, *(callbacks or [])]

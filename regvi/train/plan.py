@@ -23,7 +23,14 @@ class TrainingPlan(pl.LightningModule):
       length. ``kl_warmup_steps=0`` means no warm-up.
     * Adam with ``lr=1e-3``, ``eps=0.01``, ``weight_decay=1e-6`` (scvi-tools' defaults).
     * Every loss term is logged as ``<term>_train`` / ``<term>_validation`` per epoch.
-    * A non-finite loss stops training with :class:`NonFiniteLossError` naming the term.
+    * A non-finite loss stops training with :class:`NonFiniteLossError` naming the term. On
+      the CPU every step is checked before its backward pass. On an accelerator, reading the
+      check back costs a host-device synchronisation a step (the host could no longer queue
+      work ahead of the GPU, the low GPU use of small batches), so the flags of every term
+      are collected on the device and read every ``finite_check_every_n_steps`` steps (default
+      there: 50) and at the last step of every epoch, before the epoch's checkpoint is
+      written: a non-finite step is reported at most that many steps late, and the
+      checkpoint never holds its weights.
     * Optimisation is written out (Lightning's manual optimisation): zero_grad, backward,
       optional gradient-norm clipping (``gradient_clip_val``), Adam step.
     """
@@ -37,8 +44,12 @@ class TrainingPlan(pl.LightningModule):
         eps: float = 0.01,
         kl_warmup_steps: int = 0,
         gradient_clip_val: float | None = None,
+        finite_check_every_n_steps: int | None = None,
     ):
         super().__init__()
+        self.finite_check_every_n_steps = finite_check_every_n_steps
+        self._nonfinite: torch.Tensor | None = None  # per-term flags not yet read back
+        self._nonfinite_since = 0
         # One step is zero_grad, backward, (clip), step, done here: Lightning's automatic
         # optimisation wraps the same calls in a closure and a dozen hooks, ~0.5 ms a step.
         self.automatic_optimization = False
@@ -62,17 +73,44 @@ class TrainingPlan(pl.LightningModule):
         if torch.isfinite(output.loss):
             return
         bad = [name for name, value in output.terms.items() if not torch.isfinite(value)]
+        self._raise_non_finite(stage, f"step {self.global_step}", bad)
+
+    def _raise_non_finite(self, stage: str, when: str, bad: list[str]) -> None:
+        terms = ", ".join(name for name in bad if name not in ("loss", "elbo")) or "loss"
         raise NonFiniteLossError(
             f"the {stage} loss became non-finite at epoch {self.current_epoch} "
-            f"(step {self.global_step}); non-finite term(s): {', '.join(bad) or 'loss'}. "
+            f"({when}); non-finite term(s): {terms}. "
             "Try a lower learning rate (trainer.lr) or check the input counts."
         )
+
+    def _check_every(self) -> int:
+        if self.finite_check_every_n_steps is not None:
+            return max(1, int(self.finite_check_every_n_steps))
+        return 1 if self.device.type == "cpu" else 50
+
+    def _collect_finite(self, values: torch.Tensor, batch_idx: int) -> None:
+        """Deferred check (see the class notes): OR this step's per-term flags into the
+        pending ones; read them back every n steps and at the epoch's last step."""
+        flags = ~torch.isfinite(values)
+        if self._nonfinite is None:
+            self._nonfinite, self._nonfinite_since = flags, self.global_step
+        else:
+            self._nonfinite |= flags
+        last_of_epoch = batch_idx + 1 >= self.trainer.num_training_batches
+        if not last_of_epoch and (batch_idx + 1) % self._check_every():
+            return
+        pending, self._nonfinite = self._nonfinite, None
+        if bool(pending.any()):
+            bad = [n for n, b in zip(self._names["train"], pending.tolist(), strict=True) if b]
+            when = f"steps {self._nonfinite_since}-{self.global_step}"
+            self._raise_non_finite("training", when, bad)
 
     # ------------------------------------------------------------------ metrics
     # Lightning's ``self.log`` costs ~0.5 ms a call; a dozen terms a step made logging a third
     # of the step time. Terms are instead summed on the device (one stack + add per step) and
     # logged once per epoch; the progress bar gets the loss every step.
-    def _accumulate(self, output, stage: str, batch_size: int) -> None:
+    def _accumulate(self, output, stage: str, batch_size: int) -> torch.Tensor:
+        """Add the step's terms to the epoch sums (on the device); returns them, stacked."""
         names = ["loss", "elbo", *output.terms]
         values = torch.stack([output.loss, output.elbo, *output.terms.values()]).detach()
         if stage not in self._sums:
@@ -81,6 +119,7 @@ class TrainingPlan(pl.LightningModule):
             self._counts[stage] = 0
         self._sums[stage] += values * batch_size
         self._counts[stage] += batch_size
+        return values
 
     def _reset(self, stage: str) -> None:
         self._sums.pop(stage, None)
@@ -120,7 +159,9 @@ class TrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
-        self._check_finite(output, "training")
+        deferred = self._check_every() > 1
+        if not deferred:
+            self._check_finite(output, "training")
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(output.loss)
@@ -128,7 +169,9 @@ class TrainingPlan(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()
         batch_size = batch["x"].shape[0]
-        self._accumulate(output, "train", batch_size)
+        values = self._accumulate(output, "train", batch_size)
+        if deferred:
+            self._collect_finite(values, batch_idx)
         if batch_idx % self.trainer.log_every_n_steps == 0:
             # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
             self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=1)
