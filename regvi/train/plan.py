@@ -23,14 +23,13 @@ class TrainingPlan(pl.LightningModule):
       length. ``kl_warmup_steps=0`` means no warm-up.
     * Adam with ``lr=1e-3``, ``eps=0.01``, ``weight_decay=1e-6`` (scvi-tools' defaults).
     * Every loss term is logged as ``<term>_train`` / ``<term>_validation`` per epoch.
-    * A non-finite loss stops training with :class:`NonFiniteLossError` naming the term. On
-      the CPU every step is checked before its backward pass. On an accelerator, reading the
-      check back costs a host-device synchronisation a step (the host could no longer queue
-      work ahead of the GPU, the low GPU use of small batches), so the flags of every term
-      are collected on the device and read every ``finite_check_every_n_steps`` steps (default
-      there: 50) and at the last step of every epoch, before the epoch's checkpoint is
-      written: a non-finite step is reported at most that many steps late, and the
-      checkpoint never holds its weights.
+    * A non-finite loss stops training with :class:`NonFiniteLossError` naming the terms.
+      Each step's per-term finiteness flags are collected on the device and read back every
+      ``finite_check_every_n_steps`` steps (every step on the CPU; 50 on accelerators, where
+      each read is a host-device synchronisation that would stop the host queueing work
+      ahead of the GPU, the low GPU use of small batches) and at the last step of every
+      epoch, before the epoch's checkpoint is written: a non-finite step is reported at most
+      that many steps late, and no checkpoint holds its weights.
     * Optimisation is written out (Lightning's manual optimisation): zero_grad, backward,
       optional gradient-norm clipping (``gradient_clip_val``), Adam step.
     """
@@ -89,8 +88,8 @@ class TrainingPlan(pl.LightningModule):
         return 1 if self.device.type == "cpu" else 50
 
     def _collect_finite(self, values: torch.Tensor, batch_idx: int) -> None:
-        """Deferred check (see the class notes): OR this step's per-term flags into the
-        pending ones; read them back every n steps and at the epoch's last step."""
+        """OR this step's per-term flags into the pending ones; read them back every n steps
+        and at the epoch's last step (see the class notes)."""
         flags = ~torch.isfinite(values)
         if self._nonfinite is None:
             self._nonfinite, self._nonfinite_since = flags, self.global_step
@@ -102,7 +101,8 @@ class TrainingPlan(pl.LightningModule):
         pending, self._nonfinite = self._nonfinite, None
         if bool(pending.any()):
             bad = [n for n, b in zip(self._names["train"], pending.tolist(), strict=True) if b]
-            when = f"steps {self._nonfinite_since}-{self.global_step}"
+            since, now = self._nonfinite_since, self.global_step
+            when = f"step {now}" if since == now else f"steps {since}-{now}"
             self._raise_non_finite("training", when, bad)
 
     # ------------------------------------------------------------------ metrics
@@ -159,9 +159,6 @@ class TrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
-        deferred = self._check_every() > 1
-        if not deferred:
-            self._check_finite(output, "training")
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(output.loss)
@@ -169,9 +166,7 @@ class TrainingPlan(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()
         batch_size = batch["x"].shape[0]
-        values = self._accumulate(output, "train", batch_size)
-        if deferred:
-            self._collect_finite(values, batch_idx)
+        self._collect_finite(self._accumulate(output, "train", batch_size), batch_idx)
         if batch_idx % self.trainer.log_every_n_steps == 0:
             # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
             self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=1)
