@@ -83,7 +83,7 @@ def test_dropout_is_on_layer_inputs_and_layernorm_is_used():
     assert len(norms) == 2 and not any(isinstance(m, nn.BatchNorm1d) for m in layers.modules())
     # block order: dropout -> linear -> layernorm -> activation
     block = [type(m).__name__ for m in (layers.dropouts[0], layers.linears[0], layers.norms[0])]
-    assert block == ["Dropout", "Linear", "LayerNorm"]
+    assert block == ["Dropout", "InputLinear", "LayerNorm"]
     layers.eval()
     seen.clear()
     layers(x)

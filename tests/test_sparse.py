@@ -7,7 +7,7 @@ import torch
 
 from regvi import distributions as D
 from regvi.data.counts import SparseCounts, as_sparse_counts
-from regvi.nn import Encoder
+from regvi.nn import Encoder, FCLayers, InputLinear, sparse_input_linear
 
 
 def _counts(n_cells=9, n_features=13, density=0.4, seed=0):
@@ -71,6 +71,66 @@ def test_encoder_reads_sparse_input_like_dense_input():
     torch.testing.assert_close(var_s, var_d)
 
 
+def test_feature_major_order_is_the_csc_of_the_minibatch():
+    dense = _counts(n_cells=11, n_features=7, density=0.5, seed=3)
+    counts = SparseCounts.from_scipy(sp.csr_matrix(dense))
+    csc = sp.csc_matrix(dense)
+    order, feature_offsets, rows = counts.by_feature()
+    np.testing.assert_array_equal(feature_offsets.numpy(), csc.indptr)
+    np.testing.assert_array_equal(rows.numpy(), csc.indices)
+    np.testing.assert_array_equal(counts.values[order].numpy(), csc.data)
+    assert counts.by_feature() is counts.by_feature()  # computed once per minibatch
+    # the device path (a stable sort) gives the same order
+    device_like = SparseCounts(counts.values, counts.columns, counts.offsets, 7)
+    device_like._rows = counts.rows
+    with_sort = torch.argsort(counts.columns, stable=True)
+    np.testing.assert_array_equal(with_sort.numpy(), order.numpy())
+    assert device_like.by_feature()[0].equal(order)
+
+
+@pytest.mark.parametrize("trailing", [0, 3])
+def test_sparse_first_layer_equals_the_dense_affine_map_with_gradients(trailing):
+    torch.manual_seed(0)
+    dense = torch.from_numpy(_counts(n_cells=10, n_features=12, density=0.35)).double()
+    counts = SparseCounts.from_dense(dense)  # row 2 holds no entries: an empty bag
+    counts.values = counts.values.double().requires_grad_()
+    layer = InputLinear(12 + trailing, 5).double()
+    extra = torch.randn(10, trailing, dtype=torch.float64) if trailing else None
+    out = layer(counts, extra)
+    x = counts.to_dense(counts.values)
+    reference = (torch.cat([x, extra], dim=-1) if trailing else x) @ layer.weight + layer.bias
+    torch.testing.assert_close(out, reference)
+    upstream = torch.randn_like(out)
+    params = (counts.values, layer.weight, layer.bias)
+    grads = torch.autograd.grad((out * upstream).sum(), params)
+    expected = torch.autograd.grad((reference * upstream).sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(
+        lambda v, w, b: sparse_input_linear(counts.with_values(v), w, b),
+        (
+            counts.values.detach().requires_grad_(),
+            layer.weight[:12].detach().requires_grad_(),
+            layer.bias.detach().requires_grad_(),
+        ),
+    )
+
+
+def test_fc_layers_take_the_sparse_path_on_cpu_with_the_dense_paths_dropout():
+    # same seed: the sparse path and the densified path draw one mask on the stored entries
+    dense = torch.log1p(torch.from_numpy(_counts(n_cells=30, n_features=40, density=0.3)))
+    layers = FCLayers(40, 16, n_layers=2, dropout_rate=0.2).train()
+    torch.manual_seed(5)
+    sparse_out = layers(SparseCounts.from_dense(dense))
+    torch.manual_seed(5)  # the same mask, and the RNG where the second dropout starts
+    dropped = SparseCounts.from_dense(dense).dropout(0.2, training=True).to_dense()
+    h = layers.activations[0](
+        layers.norms[0](dropped @ layers.linears[0].weight + layers.linears[0].bias)
+    )
+    second = layers.linears[1](layers.dropouts[1](h))
+    torch.testing.assert_close(sparse_out, layers.activations[1](layers.norms[1](second)))
+
+
 def test_dropout_on_stored_entries_keeps_zeros_rescales_and_is_shared_per_batch():
     torch.manual_seed(0)
     n = 200_000
@@ -78,12 +138,15 @@ def test_dropout_on_stored_entries_keeps_zeros_rescales_and_is_shared_per_batch(
     counts = SparseCounts(
         torch.ones(n), torch.arange(n) % 2000, torch.arange(0, n + 1, 2000), n_features=2000
     )
-    dropped = counts.dropout_to_dense(0.25, training=True)
-    assert dropped.shape == (100, 2000)
-    values = counts.gather(dropped)
+    dropped = counts.dropout(0.25, training=True)
+    assert dropped.shape == (100, 2000) and dropped.columns is counts.columns
+    values = dropped.values
     kept = values != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.01
     torch.testing.assert_close(values[kept], torch.full_like(values[kept], 1 / 0.75))
-    # every encoder of the minibatch sees the same mask; eval mode sees the counts
-    assert counts.dropout_to_dense(0.25, training=True) is dropped
-    torch.testing.assert_close(counts.dropout_to_dense(0.25, training=False), counts.to_dense())
+    # every encoder of the minibatch sees the same mask (and one densification of it)
+    assert counts.dropout(0.25, training=True) is dropped
+    assert dropped.to_dense() is dropped.to_dense()
+    torch.testing.assert_close(counts.gather(dropped.to_dense()), values)
+    # eval mode sees the counts
+    assert counts.dropout(0.25, training=False) is counts

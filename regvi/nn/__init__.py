@@ -1,5 +1,19 @@
 """Neural-network building blocks shared by the RNA and multimodal models."""
 
-from regvi.nn.layers import CategoricalInjection, Decoder, Encoder, FCLayers
+from regvi.nn.layers import (
+    CategoricalInjection,
+    Decoder,
+    Encoder,
+    FCLayers,
+    InputLinear,
+    sparse_input_linear,
+)
 
-__all__ = ["CategoricalInjection", "Decoder", "Encoder", "FCLayers"]
+__all__ = [
+    "CategoricalInjection",
+    "Decoder",
+    "Encoder",
+    "FCLayers",
+    "InputLinear",
+    "sparse_input_linear",
+]

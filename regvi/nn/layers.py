@@ -11,14 +11,16 @@ math, no dense one-hot tensor.
 
 The first layer of an encoder reads counts as :class:`~regvi.data.counts.SparseCounts`:
 dropout maps zero to zero, so it is applied to the stored entries only (the same
-distribution as dropout on the dense input, at a fraction of the random draws), and the
-result is scattered into a dense matrix on the device for the matmul (on CPU a dense GEMM
-beats sparse-dense products above a few percent density, which count matrices have). The
-encoders of one modality (z and library size) share that dropped-out input, see
-:meth:`~regvi.data.counts.SparseCounts.dropout_to_dense`.
+distribution as dropout on the dense input, at a fraction of the random draws). On the CPU
+the first layer then reads the stored entries directly (:func:`sparse_input_linear`); on
+accelerators they are scattered into a dense matrix on the device for a GEMM. The encoders of
+one modality (z and library size) share that dropped-out input, see
+:meth:`~regvi.data.counts.SparseCounts.dropout`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -37,6 +39,116 @@ def make_activation(name: str) -> nn.Module:
         raise ValueError(
             f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}"
         ) from None
+
+
+def sparse_input_linear(
+    counts: SparseCounts, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    r""":math:`h = XW + b` for a sparse ``(cells, features)`` matrix :math:`X` and a dense
+    ``weight`` :math:`W` ``(features, out)``, reading only the stored entries of :math:`X`.
+
+    Forward, each cell's row is :math:`h_n = \sum_{g: x_{ng} \neq 0} x_{ng} W_{g\cdot}`: a
+    value-weighted sum of weight rows, which is ``embedding_bag``. Backward,
+    :math:`\partial L/\partial W = X^\top G` is the same kernel over the feature-major (CSC)
+    order of the entries (:meth:`SparseCounts.by_feature`): each feature's row is the
+    value-weighted sum of its cells' rows of :math:`G`; and, when asked for,
+    :math:`\partial L/\partial x_{ng} = \langle G_{n\cdot}, W_{g\cdot}\rangle` on the stored
+    entries. No dense ``cells x features`` buffer is made (82 MB at 1024 cells x 20000
+    features).
+
+    On a 2-core CPU (128 hidden units) a training step at batch 128 is 4-6% faster than with
+    densifying and a dense GEMM on real data (7% density at 1000 genes, 12% at 12000 genes)
+    and as fast at 23% density (the simulator); a sparse CSR matmul (MKL) for the weight
+    gradient was 3.5-5x slower than the embedding-bag form. On GPUs the dense GEMM is kept
+    (:class:`FCLayers` chooses).
+    """
+    return _SparseInputLinear.apply(counts.values, weight, bias, counts)
+
+
+class _SparseInputLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(values, weight, bias, counts):
+        out = torch.nn.functional.embedding_bag(
+            counts.columns,
+            weight,
+            counts.offsets,
+            mode="sum",
+            per_sample_weights=values.to(weight.dtype),
+            include_last_offset=True,
+        )
+        return out if bias is None else out.add_(bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        values, weight, bias, counts = inputs
+        ctx.save_for_backward(values, weight)
+        ctx.counts = counts
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, weight = ctx.saved_tensors
+        counts = ctx.counts
+        need_values, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_values = grad_weight = grad_bias = None
+        if need_weight:
+            # X^T G: per feature, the value-weighted sum of its cells' rows of G, the same
+            # kernel as the forward over the feature-major order
+            _, feature_offsets, rows = counts.by_feature()
+            grad_weight = torch.nn.functional.embedding_bag(
+                rows,
+                grad,
+                feature_offsets,
+                mode="sum",
+                per_sample_weights=counts.values_by_feature().to(grad.dtype),
+                include_last_offset=True,
+            ).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            grad_bias = grad.sum(dim=0)
+        if need_values:
+            per_entry = grad.index_select(0, counts.rows) * weight.index_select(0, counts.columns)
+            grad_values = per_entry.sum(dim=1).to(values.dtype)
+        return grad_values, grad_weight, grad_bias, None
+
+
+class InputLinear(nn.Module):
+    r"""The first affine map of a block stack, :math:`h = xW + b`, reading dense or sparse
+    input.
+
+    :math:`W` is stored ``(in_features, out_features)``, the transpose of
+    :class:`torch.nn.Linear`'s layout, so the weight rows a sparse input selects are
+    contiguous (:func:`sparse_input_linear`). Initialised as ``nn.Linear``: weight and bias
+    uniform on :math:`\pm 1/\sqrt{n_{in}}`.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(
+        self, x: torch.Tensor | SparseCounts, trailing: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` dense ``(B, n)`` or sparse; ``trailing`` dense ``(B, in_features - n)``
+        columns that follow ``x`` (continuous covariates), if any."""
+        if isinstance(x, SparseCounts):
+            n = x.n_features
+            # no slice without trailing columns: its backward would copy the whole gradient
+            weight = self.weight if n == self.in_features else self.weight[:n]
+            out = sparse_input_linear(x, weight, self.bias)
+            if trailing is not None:
+                out = out + trailing @ self.weight[n:]
+            return out
+        if trailing is not None:
+            x = torch.cat([x, trailing], dim=-1)
+        return torch.addmm(self.bias, x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class CategoricalInjection(nn.Module):
@@ -88,12 +200,12 @@ class FCLayers(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError("n_layers must be at least 1")
-        widths = [n_in] + [n_hidden] * n_layers
         self.dropouts = nn.ModuleList(
             nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity() for _ in range(n_layers)
         )
         self.linears = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+            [InputLinear(n_in, n_hidden)]
+            + [nn.Linear(n_hidden, n_hidden) for _ in range(n_layers - 1)]
         )
         self.injections = nn.ModuleList(
             CategoricalInjection(n_categories, n_hidden) for _ in range(n_layers)
@@ -111,28 +223,31 @@ class FCLayers(nn.Module):
     ) -> torch.Tensor:
         """``x`` dense ``(B, n_in)`` or sparse; ``continuous`` ``(B, C)`` columns, if given, are
         appended to ``x`` (so ``n_in`` counts them)."""
-        h = self._first_input(x, continuous)
-        for i, (linear, inject, norm, act) in enumerate(
-            zip(self.linears, self.injections, self.norms, self.activations, strict=True)
+        h = self._first_linear(x, continuous)
+        for i, (inject, norm, act) in enumerate(
+            zip(self.injections, self.norms, self.activations, strict=True)
         ):
             if i > 0:
-                h = self.dropouts[i](h)
-            h = act(norm(linear(h) + inject(cat_codes)))
+                h = self.linears[i](self.dropouts[i](h))
+            h = act(norm(h + inject(cat_codes)))
         return h
 
-    def _first_input(
+    def _first_linear(
         self, x: torch.Tensor | SparseCounts, continuous: torch.Tensor | None
     ) -> torch.Tensor:
-        """The first layer's input after its dropout, dense on ``x``'s device."""
+        """The first layer's affine map of its dropped-out input. Sparse counts stay sparse
+        on the CPU (:func:`sparse_input_linear`) and are densified on accelerators, where a
+        dense GEMM is the fast path."""
         dropout = self.dropouts[0]
+        trailing = dropout(continuous) if continuous is not None and continuous.shape[-1] else None
         if isinstance(x, SparseCounts):
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            x = x.dropout_to_dense(p, self.training)
+            x = x.dropout(p, self.training)
+            if x.device.type != "cpu":
+                x = x.to_dense()
         else:
             x = dropout(x)
-        if continuous is not None and continuous.shape[-1]:
-            x = torch.cat([x, dropout(continuous)], dim=-1)
-        return x
+        return self.linears[0](x, trailing)
 
 
 class Encoder(nn.Module):
