@@ -102,7 +102,9 @@ class _SparseGammaPoisson(torch.autograd.Function):
         theta = torch.exp(log_theta)
         d = torch.add(theta, mu).add_(eps).log_()  # L = log(θ + μ + ε)
         torch.sub(log_theta, d, out=d)  # D = log θ - L, in place
-        dense = torch.einsum("ng,ng->n", theta, d)
+        # a product and a row sum: einsum lowers this to a batched matmul of 1 x G by G x 1
+        # blocks, four times slower on CPU
+        dense = torch.linalg.vecdot(theta, d)
         # stored entries
         mu_x = mu.reshape(-1).index_select(0, flat_index)
         log_theta_x = log_theta.reshape(-1).index_select(0, flat_index)
