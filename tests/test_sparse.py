@@ -6,7 +6,12 @@ import scipy.sparse as sp
 import torch
 
 from regvi import distributions as D
-from regvi.data.counts import SparseCounts, as_sparse_counts
+from regvi.data.counts import (
+    SparseCounts,
+    _transpose_by_sort,
+    _transpose_scipy,
+    as_sparse_counts,
+)
 from regvi.nn import Encoder, FCLayers, InputLinear, sparse_input_linear
 
 
@@ -71,21 +76,18 @@ def test_encoder_reads_sparse_input_like_dense_input():
     torch.testing.assert_close(var_s, var_d)
 
 
-def test_feature_major_order_is_the_csc_of_the_minibatch():
+def test_transpose_is_the_csc_of_the_minibatch_on_either_path():
     dense = _counts(n_cells=11, n_features=7, density=0.5, seed=3)
+    dense[:, 4] = 0  # a feature with no entries
     counts = SparseCounts.from_scipy(sp.csr_matrix(dense))
     csc = sp.csc_matrix(dense)
-    order, feature_offsets, rows = counts.by_feature()
-    np.testing.assert_array_equal(feature_offsets.numpy(), csc.indptr)
-    np.testing.assert_array_equal(rows.numpy(), csc.indices)
-    np.testing.assert_array_equal(counts.values[order].numpy(), csc.data)
-    assert counts.by_feature() is counts.by_feature()  # computed once per minibatch
-    # the device path (a stable sort) gives the same order
-    device_like = SparseCounts(counts.values, counts.columns, counts.offsets, 7)
-    device_like._rows = counts.rows
-    with_sort = torch.argsort(counts.columns, stable=True)
-    np.testing.assert_array_equal(with_sort.numpy(), order.numpy())
-    assert device_like.by_feature()[0].equal(order)
+    for transpose in (_transpose_scipy(counts), _transpose_by_sort(counts)):
+        feature_offsets, rows, values = transpose
+        np.testing.assert_array_equal(feature_offsets.numpy(), csc.indptr)
+        np.testing.assert_array_equal(rows.numpy(), csc.indices)
+        np.testing.assert_array_equal(values.numpy(), csc.data)
+        assert feature_offsets.dtype == rows.dtype  # as embedding_bag needs
+    assert counts.transpose() is counts.transpose()  # computed once per minibatch
 
 
 @pytest.mark.parametrize("trailing", [0, 3])
