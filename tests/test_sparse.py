@@ -26,6 +26,10 @@ def test_sparse_counts_round_trip_sums_and_gather():
     dense = _counts()
     counts = SparseCounts.from_scipy(sp.csr_matrix(dense))
     assert counts.shape == dense.shape
+    # scipy's int32 indices are kept (no copy a minibatch); moving makes them int64 off the CPU
+    assert counts.columns.dtype == counts.offsets.dtype == torch.int32
+    assert counts.to("cpu").columns.dtype == torch.int32
+    assert counts.to("meta").columns.dtype == counts.to("meta").offsets.dtype == torch.int64
     np.testing.assert_array_equal(counts.to_dense().numpy(), dense)
     np.testing.assert_allclose(counts.row_sums().numpy(), dense.sum(1))
     table = torch.arange(dense.size, dtype=torch.float32).reshape(dense.shape)

@@ -105,11 +105,14 @@ class SparseCounts:
         return self.values.device
 
     def to(self, device: Any, non_blocking: bool = False) -> SparseCounts:
-        """Moved to ``device`` (the three CSR tensors only; derived indices are rebuilt)."""
+        """Moved to ``device`` (the three CSR tensors only; derived indices are rebuilt).
+        Off the CPU the indices become int64, the dtype the accelerator path was validated
+        with (the CPU keeps scipy's int32 for its sparse kernels)."""
+        index_dtype = None if torch.device(device).type == "cpu" else torch.int64
         return SparseCounts(
             self.values.to(device, non_blocking=non_blocking),
-            self.columns.to(device, non_blocking=non_blocking),
-            self.offsets.to(device, non_blocking=non_blocking),
+            self.columns.to(device, dtype=index_dtype, non_blocking=non_blocking),
+            self.offsets.to(device, dtype=index_dtype, non_blocking=non_blocking),
             self.n_features,
         )
 
