@@ -13,6 +13,7 @@ from regvi.data.counts import (
     as_sparse_counts,
 )
 from regvi.nn import Encoder, FCLayers, InputLinear, sparse_input_linear
+from regvi.nn.layers import SPARSE_INPUT_MIN_ELEMENTS
 
 
 def _counts(n_cells=9, n_features=13, density=0.4, seed=0):
@@ -122,19 +123,18 @@ def test_sparse_first_layer_equals_the_dense_affine_map_with_gradients(trailing)
     )
 
 
-def test_fc_layers_take_the_sparse_path_on_cpu_with_the_dense_paths_dropout():
-    # same seed: the sparse path and the densified path draw one mask on the stored entries
-    dense = torch.log1p(torch.from_numpy(_counts(n_cells=30, n_features=40, density=0.3)))
-    layers = FCLayers(40, 16, n_layers=2, dropout_rate=0.2).train()
-    torch.manual_seed(5)
-    sparse_out = layers(SparseCounts.from_dense(dense))
-    torch.manual_seed(5)  # the same mask, and the RNG where the second dropout starts
-    dropped = SparseCounts.from_dense(dense).dropout(0.2, training=True).to_dense()
-    h = layers.activations[0](
-        layers.norms[0](dropped @ layers.linears[0].weight + layers.linears[0].bias)
-    )
-    second = layers.linears[1](layers.dropouts[1](h))
-    torch.testing.assert_close(sparse_out, layers.activations[1](layers.norms[1](second)))
+@pytest.mark.parametrize("n_features", [300, 40])
+def test_fc_layers_read_sparse_input_without_densifying_unless_tiny(n_features):
+    dense = torch.log1p(torch.from_numpy(_counts(n_cells=64, n_features=n_features)))
+    counts = SparseCounts.from_dense(dense)
+    layers = FCLayers(n_features, 16, n_layers=1, dropout_rate=0.2).train()
+    out = layers(counts)
+    dropped = counts.dropout(0.2, training=True)  # the mask the forward drew (cached)
+    tiny = 64 * n_features < SPARSE_INPUT_MIN_ELEMENTS
+    assert (dropped._dense is not None) == tiny  # no cells x features buffer unless tiny
+    linear = layers.linears[0]
+    reference = dropped.to_dense() @ linear.weight + linear.bias
+    torch.testing.assert_close(out, layers.activations[0](layers.norms[0](reference)))
 
 
 def test_dropout_on_stored_entries_keeps_zeros_rescales_and_is_shared_per_batch():
