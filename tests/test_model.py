@@ -68,6 +68,30 @@ def test_save_load_reproduces_latent(trained, tmp_path):
     )
 
 
+def test_models_saved_in_the_earlier_weight_layout_still_load(trained, tmp_path):
+    import json
+
+    import torch
+
+    adata, model = trained
+    path = model.save(tmp_path / "m")
+    # format 1: first layers stored as nn.Linear does, (out, in), and no "format" key
+    state = torch.load(path / "model.pt", weights_only=True)
+    old = {k: v.t() if k.endswith("layers.linears.0.weight") else v for k, v in state.items()}
+    torch.save(old, path / "model.pt")
+    meta = json.loads((path / "model.json").read_text())
+    assert meta.pop("format") == 2
+    (path / "model.json").write_text(json.dumps(meta))
+    loaded = AmbientRegularizedSCVI.load(path, adata)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
+    )
+    meta["format"] = 99
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(RegviError, match="newer regvi"):
+        AmbientRegularizedSCVI.load(path, adata)
+
+
 def test_new_data_is_matched_by_gene_name_and_checked(trained):
     adata, model = trained
     z = model.get_latent_representation()

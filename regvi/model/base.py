@@ -24,6 +24,10 @@ from regvi.train.host_memory import reuse_host_memory as reuse_host_memory_scope
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_METADATA = "model.json"
+#: Layout of saved weights. 2: the first layer of every block stack (``InputLinear``) stores
+#: its weight as ``(in_features, out_features)``; 1 (no ``format`` key) stored it transposed,
+#: as ``nn.Linear`` does.
+SAVE_FORMAT = 2
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -293,6 +297,7 @@ class BaseModel:
         meta.update(
             {
                 "class": type(self).__name__,
+                "format": SAVE_FORMAT,
                 "init_params": self.init_params,
                 "n_obs_training": self.n_obs_training_,
             }
@@ -311,4 +316,13 @@ class BaseModel:
             )
         meta = json.loads((path / MODEL_METADATA).read_text())
         state = torch.load(path / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
+        if meta.get("format", 1) > SAVE_FORMAT:
+            raise RegviError(
+                f"{path} was saved by a newer regvi (format {meta['format']}); upgrade regvi"
+            )
+        if meta.get("format", 1) < 2:  # first layers were saved in nn.Linear's layout
+            state = {
+                key: value.t().contiguous() if key.endswith("layers.linears.0.weight") else value
+                for key, value in state.items()
+            }
         return meta, state
