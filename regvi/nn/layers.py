@@ -72,17 +72,26 @@ def sparse_input_linear(
     return _SparseInputLinear.apply(counts.values, weight, bias, counts)
 
 
+def _weighted_row_sums(
+    table: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    r"""Row :math:`i` of the result is :math:`\sum_{k=o_i}^{o_{i+1}-1} w_k\,T_{j_k\cdot}` for
+    CSR-style ``offsets`` :math:`o` (``(n + 1,)``), ``indices`` :math:`j` and ``weights``
+    :math:`w`: a sparse matrix times ``table``, as one ``embedding_bag`` pass."""
+    return F.embedding_bag(
+        indices,
+        table,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.to(table.dtype),
+        include_last_offset=True,
+    )
+
+
 class _SparseInputLinear(torch.autograd.Function):
     @staticmethod
     def forward(values, weight, bias, counts):
-        out = torch.nn.functional.embedding_bag(
-            counts.columns,
-            weight,
-            counts.offsets,
-            mode="sum",
-            per_sample_weights=values.to(weight.dtype),
-            include_last_offset=True,
-        )
+        out = _weighted_row_sums(weight, counts.columns, counts.offsets, values)
         return out if bias is None else out.add_(bias)
 
     @staticmethod
@@ -102,14 +111,8 @@ class _SparseInputLinear(torch.autograd.Function):
             # X^T G: per feature, the value-weighted sum of its cells' rows of G, the same
             # kernel as the forward over the feature-major order
             feature_offsets, rows, values_by_feature = counts.transpose()
-            grad_weight = torch.nn.functional.embedding_bag(
-                rows,
-                grad,
-                feature_offsets,
-                mode="sum",
-                per_sample_weights=values_by_feature.to(grad.dtype),
-                include_last_offset=True,
-            ).to(weight.dtype)
+            grad_weight = _weighted_row_sums(grad, rows, feature_offsets, values_by_feature)
+            grad_weight = grad_weight.to(weight.dtype)
         if need_bias and ctx.has_bias:
             grad_bias = grad.sum(dim=0)
         if need_values:
