@@ -14,6 +14,23 @@ import torch
 from regvi.data.counts import SparseCounts
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+def exp(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    r""":math:`e^{s x}` for the large elementwise exponentials of a training step.
+
+    On the CPU it is computed as :math:`2^{x\,s\log_2 e}`, a multiply and ``torch.exp2``:
+    on the 2-core AMD EPYC used for the benchmarks the two passes take 0.22 ms for 2M
+    numbers against 0.60 ms for ``torch.exp`` (whose CPU kernel is much slower than
+    ``exp2``'s there). Rounding
+    :math:`x\log_2 e` costs accuracy in proportion to :math:`|x|`: relative error below
+    :math:`10^{-6}` for :math:`|x| < 10`, :math:`4\cdot10^{-6}` over the whole float32 range
+    (``torch.exp``: :math:`10^{-7}`). Elsewhere it is ``torch.exp``.
+    """
+    if x.device.type == "cpu":
+        return torch.mul(x, scale * _LOG2_E).exp2_()
+    return torch.exp(x if scale == 1.0 else x * scale)
 
 
 def gamma_poisson_log_prob(
@@ -69,7 +86,7 @@ def gamma_poisson_log_prob_sparse(
 class _SparseGammaPoisson(torch.autograd.Function):
     r"""The likelihood of :func:`gamma_poisson_log_prob_sparse` as one autograd node.
 
-    With :math:`r = \theta/(\theta+\mu) = e^{D}` the gradients are
+    With :math:`r = \theta/(\theta+\mu) = e^{D}` (ε dropped here) the gradients are
 
     .. math::
         \frac{\partial\log p}{\partial\mu} = -r + [x>0]\,x\Big(\frac1\mu
@@ -79,7 +96,8 @@ class _SparseGammaPoisson(torch.autograd.Function):
 
     the digamma difference by :func:`digamma_increment`.
 
-    The forward pass keeps two cells x features buffers (θ and D) and the backward writes the
+    The forward pass keeps two cells x features buffers (θ and :math:`E = -D =
+    \log(1 + \mu/\theta)`) and the backward writes the
     dense gradients in place and adds the stored entries' terms into them with one scatter,
     where composing the elementwise ops autograd-style makes about twenty such buffers.
     Computed in float32 at least (under autocast too); gradients come back in the inputs'
@@ -99,36 +117,38 @@ class _SparseGammaPoisson(torch.autograd.Function):
         ctx.input_dtypes = (mu.dtype, log_theta.dtype)
         dtype = torch.promote_types(mu.dtype, torch.float32)
         mu, log_theta, x = mu.to(dtype), log_theta.to(dtype), x.to(dtype)
-        theta = torch.exp(log_theta)
-        d = torch.add(theta, mu).add_(eps).log_()  # L = log(θ + μ + ε)
-        torch.sub(log_theta, d, out=d)  # D = log θ - L, in place
+        theta = exp(log_theta)
+        # E = log((θ + μ + ε) / θ) = -D: one log1p of a ratio, cheaper than log(θ + μ + ε)
+        # and free of cancellation in log θ - L when μ << θ
+        log_ratio = torch.add(mu, eps).div_(theta).log1p_()
         # a product and a row sum: einsum lowers this to a batched matmul of 1 x G by G x 1
         # blocks, four times slower on CPU
-        dense = torch.linalg.vecdot(theta, d)
+        dense = torch.linalg.vecdot(theta, log_ratio).neg_()
         # stored entries
         mu_x = mu.reshape(-1).index_select(0, flat_index)
         log_theta_x = log_theta.reshape(-1).index_select(0, flat_index)
-        theta_x = torch.exp(log_theta_x)
-        log_theta_mu_x = log_theta_x - d.reshape(-1).index_select(0, flat_index)
+        theta_x = exp(log_theta_x)
+        log_theta_mu_x = log_theta_x.add_(log_ratio.reshape(-1).index_select(0, flat_index))
         stored = (
             x * (torch.log(mu_x + eps) - log_theta_mu_x)
             + torch.lgamma(x + theta_x)
             - torch.lgamma(theta_x)
             - torch.lgamma(x + 1.0)
         )
-        ctx.save_for_backward(theta, d, x, mu_x, theta_x, flat_index, offsets)
+        ctx.save_for_backward(theta, log_ratio, x, mu_x, theta_x, flat_index, offsets)
         ctx.eps = eps
         return dense + torch.segment_reduce(stored, "sum", offsets=offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        theta, d, x, mu_x, theta_x, flat_index, offsets = ctx.saved_tensors
+        theta, log_ratio, x, mu_x, theta_x, flat_index, offsets = ctx.saved_tensors
         eps = ctx.eps
         grad = grad.to(theta.dtype)
-        g = grad[:, None]
-        r = torch.exp(d)  # θ / (θ + μ)
-        grad_log_theta = torch.sub(d, r).add_(1.0).mul_(theta).mul_(g)
-        grad_mu = r.mul_(g).neg_()
+        minus_g = grad.neg()[:, None]
+        r = exp(log_ratio, -1.0)  # θ / (θ + μ + ε) = e^D
+        # θ (D + 1 - r) g = θ (E + r - 1) (-g)
+        grad_log_theta = torch.add(log_ratio, r).sub_(1.0).mul_(theta).mul_(minus_g)
+        grad_mu = r.mul_(minus_g)
         # stored entries, each cell's gradient repeated over its entries
         g_x = torch.repeat_interleave(grad, torch.diff(offsets), output_size=x.shape[0])
         x_over_sum = x / (theta_x + mu_x + eps)
