@@ -142,17 +142,80 @@ def test_single_category_tables_broadcast_like_a_per_cell_lookup():
 
 
 def test_antithetic_noise_pairs_rows_and_is_standard_normal():
-    from regvi.module.components import antithetic_normal
+    from regvi.module.components import antithetic_normal_rows
 
+    zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
     torch.manual_seed(0)
-    odd = antithetic_normal(5, 3, torch.float32, torch.device("cpu"))
+    odd = antithetic_normal_rows(zeros, ones, torch.zeros(5, dtype=torch.long))
     torch.testing.assert_close(odd[3:], -odd[:2])  # the middle row of an odd count is unpaired
-    noise = antithetic_normal(2000, 500, torch.float64, torch.device("cpu"))
+    zeros, ones = torch.zeros(1, 500, dtype=torch.float64), torch.ones(1, 500, dtype=torch.float64)
+    noise = antithetic_normal_rows(zeros, ones, torch.zeros(2000, dtype=torch.long))
     assert abs(noise.mean().item()) < 1e-12  # exact: the pairs cancel
     assert abs(noise.var().item() - 1.0) < 0.01
     # each half is an independent standard normal sample
     first = noise[:1000].flatten()
     assert abs(first.mean().item()) < 0.01 and abs(first.std().item() - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("n_codes", [1, 3])
+@pytest.mark.parametrize("n_cells", [6, 7])
+def test_antithetic_rows_match_lookups_and_their_gradients(n_codes, n_cells):
+    """The fused node equals mean[c] + scale[c] * (+-eps) built op by op, in value and in
+    gradient (analytic, and finite differences by gradcheck)."""
+    from regvi.module.components import antithetic_normal_rows
+
+    torch.manual_seed(1)
+    mean = torch.randn(n_codes, 4, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(n_codes, 4, dtype=torch.float64).add_(0.5).requires_grad_()
+    codes = torch.randint(0, n_codes, (n_cells,))
+    torch.manual_seed(2)
+    drawn = antithetic_normal_rows(mean, scale, codes)
+    torch.manual_seed(2)
+    half = torch.randn((n_cells + 1) // 2, 4, dtype=torch.float64)
+    noise = torch.cat([half, -half[: n_cells // 2]])
+    expected = mean[codes] + scale[codes] * noise
+    torch.testing.assert_close(drawn, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(n_cells, 4, dtype=torch.float64)
+    got = torch.autograd.grad(drawn, (mean, scale), upstream)
+    want = torch.autograd.grad(expected, (mean, scale), upstream)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+    def seeded(mean_, scale_):
+        torch.manual_seed(2)  # the same noise at every evaluation
+        return antithetic_normal_rows(mean_, scale_, codes)
+
+    assert torch.autograd.gradcheck(seeded, (mean, scale))
+
+
+def test_expected_counts_looks_up_ambient_profiles_by_code():
+    """An ambient table with per-cell codes gives what the looked-up rows give: value,
+    gradients (the table's gradient sums its cells'), and forward-mode tangents."""
+    from regvi.module.components import expected_counts
+
+    torch.manual_seed(0)
+    rho = torch.rand(7, 5, dtype=torch.float64, requires_grad=True)
+    log_library = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    table = torch.rand(3, 5, dtype=torch.float64).add_(0.1).requires_grad_()
+    scaling = torch.rand(1, 5, dtype=torch.float64).add_(0.5).requires_grad_()
+    codes = torch.tensor([2, 0, 1, 2, 2, 0, 1])
+    inputs = (rho, log_library, table, scaling)
+    fused = expected_counts(rho, log_library, table, scaling, codes)
+    looked_up = expected_counts(rho, log_library, table[codes], scaling)
+    torch.testing.assert_close(fused, looked_up, rtol=1e-12, atol=0)
+    upstream = torch.randn(7, 5, dtype=torch.float64)
+    got = torch.autograd.grad(fused, inputs, upstream)
+    want = torch.autograd.grad(looked_up, inputs, upstream)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *args: expected_counts(*args, codes), tuple(inputs))
+    primals = tuple(t.detach() for t in inputs)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    _, got_tangent = torch.func.jvp(lambda *a: expected_counts(*a, codes), primals, tangents)
+    _, want_tangent = torch.func.jvp(
+        lambda r, lib, tab, sc: expected_counts(r, lib, tab[codes], sc), primals, tangents
+    )
+    torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("ambient_rows", [None, 1, 6])

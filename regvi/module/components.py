@@ -41,24 +41,75 @@ def per_cell_rows(table: torch.Tensor, codes: torch.Tensor, combine: str) -> tor
     return rows.sum(dim=1) if combine == "sum" else rows.prod(dim=1)
 
 
-def antithetic_normal(
-    n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    r"""Standard normal noise ``(n_rows, n_cols)`` whose second half of rows is the negated
-    first half: :math:`\epsilon_{h+n} = -\epsilon_n` with :math:`h = \lceil n_{rows}/2\rceil`.
+def rows_by_code(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Row ``codes[n]`` of ``table`` for every cell, ``(B, n_features)``: a fresh buffer
+    (callers update it in place); a one-row table is expanded (a view)."""
+    if table.shape[0] == 1:
+        return table.expand(codes.shape[0], -1)
+    return torch.index_select(table, 0, codes)
 
-    Every entry is still :math:`\mathcal N(0, 1)`, so a Monte-Carlo estimate using it stays
+
+def sum_rows_by_code(values: torch.Tensor, codes: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The adjoint of :func:`rows_by_code`: the sum of the cells' rows of ``values`` per
+    code, ``(n_rows, n_features)``."""
+    if n_rows == 1:
+        return values.sum(dim=0, keepdim=True)
+    return values.new_zeros(n_rows, values.shape[1]).index_add_(0, codes, values)
+
+
+def antithetic_normal_rows(
+    mean: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor
+) -> torch.Tensor:
+    r"""Per-cell normal draws :math:`m_{c_n} + s_{c_n}\epsilon_n` for tables ``mean`` and
+    ``scale`` ``(K, G)`` and codes ``(B,)``, with antithetic noise: :math:`\epsilon_n` is
+    standard normal for the first :math:`h = \lceil B/2\rceil` rows and
+    :math:`\epsilon_{h+n} = -\epsilon_n` for the rest.
+
+    Every entry is still :math:`\mathcal N(m, s^2)`, so a Monte-Carlo estimate using it stays
     unbiased; the pairs are antithetic variates, which lower its variance when the integrand
     is monotone in :math:`\epsilon` (the likelihood is, in :math:`\log\theta`), and only
     half the numbers are drawn (the per-(cell, feature) normal draws were the single largest
     elementwise cost of a CPU training step). Rows are cells of a shuffled minibatch, so
     which cells are paired is random.
+
+    One autograd node (:class:`_AntitheticNormalRows`): it keeps only the drawn half of the
+    noise for the backward pass, where the op-by-op graph (two lookups, a negated copy of the
+    noise, an ``addcmul``) keeps two full cells x features buffers.
     """
-    noise = torch.empty(n_rows, n_cols, dtype=dtype, device=device)
-    half = (n_rows + 1) // 2
-    noise[:half].normal_()
-    torch.neg(noise[: n_rows - half], out=noise[half:])
-    return noise
+    return _AntitheticNormalRows.apply(mean, scale, codes)
+
+
+class _AntitheticNormalRows(torch.autograd.Function):
+    r"""Gradients of :func:`antithetic_normal_rows`: :math:`\partial/\partial m_k` is the sum
+    of the upstream rows of the cells with code :math:`k`, :math:`\partial/\partial s_k` the
+    sum of those rows times :math:`\epsilon_n`."""
+
+    @staticmethod
+    def forward(ctx, mean, scale, codes):
+        n_cells, n_features = codes.shape[0], mean.shape[1]
+        half = (n_cells + 1) // 2
+        noise = torch.empty(half, n_features, dtype=scale.dtype, device=scale.device).normal_()
+        scales = rows_by_code(scale, codes)
+        out = rows_by_code(mean, codes)
+        out = out.clone() if mean.shape[0] == 1 else out  # a fresh buffer to write into
+        out[:half].addcmul_(scales[:half], noise)
+        out[half:].addcmul_(scales[half:], noise[: n_cells - half], value=-1.0)
+        ctx.save_for_backward(noise, codes)
+        ctx.n_rows = mean.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        noise, codes = ctx.saved_tensors
+        n_cells, half, n_rows = grad.shape[0], noise.shape[0], ctx.n_rows
+        need_mean, need_scale, _ = ctx.needs_input_grad
+        grad_mean = sum_rows_by_code(grad, codes, n_rows) if need_mean else None
+        grad_scale = None
+        if need_scale:
+            paired = n_cells - half
+            grad_scale = sum_rows_by_code(grad[:half] * noise, codes[:half], n_rows)
+            grad_scale -= sum_rows_by_code(grad[half:] * noise[:paired], codes[half:], n_rows)
+        return grad_mean, grad_scale, None
 
 
 class AmbientBackground(nn.Module):
@@ -89,9 +140,13 @@ class AmbientBackground(nn.Module):
         self.regularise = regularise
         self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
 
+    def profiles(self) -> torch.Tensor:
+        """:math:`s = e^\beta`, one row per ambient category, ``(n_categories, G)``."""
+        return torch.exp(self.log_ambient)
+
     def per_cell(self, codes: torch.Tensor) -> torch.Tensor:
         """Background of each cell, ``(B, G)``; ``codes`` are absolute, shape ``(B, n_keys)``."""
-        return per_cell_rows(torch.exp(self.log_ambient), codes, "sum")
+        return per_cell_rows(self.profiles(), codes, "sum")
 
     def penalty(self) -> torch.Tensor:
         r""":math:`-\sum_{b,g}\log\mathrm{Gamma}(s_{b,g};\alpha,\beta)` (0 when not regularised)."""
@@ -148,7 +203,7 @@ class HierarchicalDispersion(nn.Module):
 
     Training draws :math:`\theta = \exp(\mu + \sigma\epsilon)` for every (cell, feature)
     (lower-variance, unbiased estimate of the expected log-likelihood), with antithetic
-    pairs of cells (see :func:`antithetic_normal`); eval mode uses the median
+    pairs of cells (see :func:`antithetic_normal_rows`); eval mode uses the median
     :math:`\exp(\mu)`.
     """
 
@@ -185,14 +240,12 @@ class HierarchicalDispersion(nn.Module):
         :math:`\mu + \sigma\epsilon` per (cell, feature) in training, the median :math:`\mu`
         in eval."""
         n_cells, n_features = group_codes.shape[0], self.log_theta_mean.shape[1]
-        codes = group_codes[:, None]
-        # (1, G) with a single group: broadcast instead of a copy per cell
-        mean = per_cell_rows(self.log_theta_mean, codes, "sum")
         if not self.training:
+            # (1, G) with a single group: broadcast instead of a copy per cell
+            mean = per_cell_rows(self.log_theta_mean, group_codes[:, None], "sum")
             return mean.expand(n_cells, n_features)
-        sigma = per_cell_rows(torch.exp(self.log_theta_log_sigma), codes, "sum")
-        noise = antithetic_normal(n_cells, n_features, dtype=mean.dtype, device=mean.device)
-        return torch.addcmul(mean, sigma, noise)
+        sigma = torch.exp(self.log_theta_log_sigma)
+        return antithetic_normal_rows(self.log_theta_mean, sigma, group_codes)
 
     def penalty(self) -> torch.Tensor:
         r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`.
@@ -300,16 +353,19 @@ def expected_counts(
     log_library: torch.Tensor,
     ambient: torch.Tensor | None = None,
     scaling: torch.Tensor | None = None,
+    ambient_codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""The negative-binomial mean :math:`\mu_{ng} = e^{\ell_n}(\rho_{ng} + s_{ng})\,y_{ng}`.
 
     ``rho`` is ``(B, G)``, ``log_library`` ``(B,)``; the ambient ``s`` and scaling ``y`` rows
-    are ``(B, G)`` or ``(1, G)`` (one category, broadcast over the cells), or ``None``. One
-    autograd node (:class:`_ExpectedCounts`) that keeps only μ for the backward pass, where
-    the op-by-op graph keeps :math:`\rho+s` and :math:`(\rho+s)y` too: two cells x features
-    buffers fewer at the memory peak of a step.
+    are ``(B, G)`` or ``(1, G)`` (one category, broadcast over the cells), or ``None``. With
+    ``ambient_codes`` ``(B,)``, ``ambient`` is instead the table of ambient profiles
+    ``(K, G)`` and each cell's row is looked up inside the node (no separate cells x features
+    buffer of looked-up rows). One autograd node (:class:`_ExpectedCounts`) that keeps only μ
+    for the backward pass, where the op-by-op graph keeps :math:`\rho+s` and
+    :math:`(\rho+s)y` too: two cells x features buffers fewer at the memory peak of a step.
     """
-    return _ExpectedCounts.apply(rho, log_library, ambient, scaling)
+    return _ExpectedCounts.apply(rho, log_library, ambient, scaling, ambient_codes)
 
 
 class _ExpectedCounts(torch.autograd.Function):
@@ -320,14 +376,16 @@ class _ExpectedCounts(torch.autograd.Function):
         \frac{\partial\mu}{\partial y} = \frac{\mu}{y},\qquad
         \frac{\partial\mu}{\partial\rho} = \frac{\partial\mu}{\partial s} = e^{\ell}y
 
-    (:math:`y > 0`: a softplus). Broadcast rows get their gradients summed over the cells.
-    Computed in float32 at least (under autocast too).
+    (:math:`y > 0`: a softplus). Broadcast rows get their gradients summed over the cells, a
+    looked-up table per code. Computed in float32 at least (under autocast too).
     """
 
     @staticmethod
-    def forward(rho, log_library, ambient, scaling):
+    def forward(rho, log_library, ambient, scaling, ambient_codes):
         dtype = torch.promote_types(rho.dtype, torch.float32)
-        if ambient is not None:
+        if ambient is not None and ambient_codes is not None and ambient.shape[0] > 1:
+            mu = rows_by_code(ambient.to(dtype), ambient_codes).add_(rho.to(dtype))
+        elif ambient is not None:
             mu = torch.add(rho.to(dtype), ambient.to(dtype))
         else:
             mu = rho.to(dtype, copy=True)
@@ -337,7 +395,7 @@ class _ExpectedCounts(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, log_library, ambient, scaling = inputs
+        _, log_library, ambient, scaling, ambient_codes = inputs
         saved = (
             output,
             torch.exp(log_library.to(output.dtype))[:, None],
@@ -346,14 +404,18 @@ class _ExpectedCounts(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)  # forward mode (torch.func.jvp, used for attribution)
         ctx.ambient_shape = None if ambient is None else ambient.shape
+        looked_up = ambient is not None and ambient_codes is not None and ambient.shape[0] > 1
+        ctx.ambient_codes = ambient_codes if looked_up else None
 
     @staticmethod
-    def jvp(ctx, tangent_rho, tangent_library, tangent_ambient, tangent_scaling):
+    def jvp(ctx, tangent_rho, tangent_library, tangent_ambient, tangent_scaling, _):
         mu, library_scale, scaling = ctx.saved_tensors
         tangent = torch.zeros_like(mu)
         if tangent_rho is not None:
             tangent = tangent + tangent_rho
         if tangent_ambient is not None:
+            if ctx.ambient_codes is not None:
+                tangent_ambient = rows_by_code(tangent_ambient, ctx.ambient_codes)
             tangent = tangent + tangent_ambient
         tangent = tangent * library_scale
         if scaling is not None:
@@ -368,7 +430,7 @@ class _ExpectedCounts(torch.autograd.Function):
     def backward(ctx, grad):
         mu, library_scale, scaling = ctx.saved_tensors
         grad = grad.to(mu.dtype)
-        need_rho, need_library, need_ambient, need_scaling = ctx.needs_input_grad
+        need_rho, need_library, need_ambient, need_scaling, _ = ctx.needs_input_grad
         grad_library = grad_scaling = grad_rho = grad_ambient = None
         if need_library or need_scaling:
             grad_times_mu = grad * mu
@@ -381,9 +443,13 @@ class _ExpectedCounts(torch.autograd.Function):
             if scaling is not None:
                 grad_expression.mul_(scaling)
             grad_rho = grad_expression if need_rho else None
-            if need_ambient:
+            if need_ambient and ctx.ambient_codes is not None:
+                grad_ambient = sum_rows_by_code(
+                    grad_expression, ctx.ambient_codes, ctx.ambient_shape[0]
+                )
+            elif need_ambient:
                 grad_ambient = grad_expression.sum_to_size(ctx.ambient_shape)
-        return grad_rho, grad_library, grad_ambient, grad_scaling
+        return grad_rho, grad_library, grad_ambient, grad_scaling, None
 
 
 class CountModality(nn.Module):
@@ -509,17 +575,19 @@ class CountModality(nn.Module):
     ) -> torch.Tensor:
         r""":math:`\mu = e^{\ell}(\rho + s)\,y` (ambient and scaling optional), see
         :func:`expected_counts`."""
-        ambient = (
-            self.ambient.per_cell(batch["ambient"])
-            if include_ambient and self.ambient is not None
-            else None
-        )
+        ambient = ambient_codes = None
+        if include_ambient and self.ambient is not None:
+            codes = batch["ambient"]
+            if codes.shape[1] == 1:  # one key: the lookup happens inside the node
+                ambient, ambient_codes = self.ambient.profiles(), codes[:, 0]
+            else:
+                ambient = self.ambient.per_cell(codes)
         scaling = (
             self.feature_scaling.per_cell(batch["feature_scaling"])
             if include_scaling and self.feature_scaling is not None
             else None
         )
-        return expected_counts(rho, library, ambient, scaling)
+        return expected_counts(rho, library, ambient, scaling, ambient_codes)
 
     def reconstruction_loss(
         self, x: SparseCounts | torch.Tensor, mu: torch.Tensor, batch: dict[str, torch.Tensor]
