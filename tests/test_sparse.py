@@ -49,6 +49,22 @@ def test_duplicate_entries_are_summed_not_split():
     np.testing.assert_array_equal(counts.to_dense().numpy(), [[0, 3, 0], [5, 0, 0]])
 
 
+def test_minibatches_of_a_non_canonical_matrix_sum_duplicates_too():
+    """The dataset skips the per-minibatch canonical check only for a canonical matrix."""
+    from regvi.data.loader import CsrMinibatchDataset
+
+    data, columns, offsets = [1.0, 2.0, 5.0, 4.0], [1, 1, 0, 2], [0, 2, 3, 4]
+    duplicated = sp.csr_matrix((data, columns, offsets), shape=(3, 3))
+    assert not duplicated.has_canonical_format
+    covariates = {"dispersion": np.zeros(3, dtype=np.int64)}
+    canonical = duplicated.copy()
+    canonical.sum_duplicates()
+    for X in (duplicated, canonical):
+        batch = CsrMinibatchDataset(X, covariates)[np.array([2, 0])]
+        np.testing.assert_array_equal(batch["x"].to_dense().numpy(), [[0, 3, 0], [0, 0, 4]])
+        assert batch["x"].values.numel() == 2
+
+
 @pytest.mark.parametrize("eps", [1e-8, 0.0])
 def test_sparse_likelihood_and_gradients_equal_the_dense_formula(eps):
     dense = torch.from_numpy(_counts()).double()

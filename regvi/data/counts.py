@@ -61,10 +61,14 @@ class SparseCounts:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_scipy(cls, matrix: sp.spmatrix | sp.sparray) -> SparseCounts:
-        """From a scipy sparse matrix (converted to canonical float32 CSR if needed)."""
-        csr = sp.csr_matrix(matrix)
-        if not csr.has_canonical_format:
+    def from_scipy(cls, matrix: sp.spmatrix | sp.sparray, canonical: bool = False) -> SparseCounts:
+        """From a scipy sparse matrix (converted to canonical float32 CSR if needed).
+
+        ``canonical=True`` says ``matrix`` is a CSR matrix known to be in canonical form (no
+        duplicated entries), e.g. a row slice of one, and skips the check, a pass over its
+        entries."""
+        csr = matrix if canonical and sp.issparse(matrix) else sp.csr_matrix(matrix)
+        if not canonical and not csr.has_canonical_format:
             csr = csr.copy()
             csr.sum_duplicates()  # duplicated entries would split a count in two
         return cls(

@@ -29,6 +29,7 @@ class CsrMinibatchDataset(Dataset):
 
     def __init__(self, X: sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
         self.X = X
+        self._canonical = in_memory_canonical(X)
         self.covariates = {
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
         }
@@ -41,8 +42,15 @@ class CsrMinibatchDataset(Dataset):
         # self.X is in-memory CSR or an on-disk (backed) CSR dataset: either way one slice.
         tidx = torch.from_numpy(idx)
         batch = {name: values[tidx] for name, values in self.covariates.items()}
-        batch["x"] = SparseCounts.from_scipy(self.X[idx])
+        batch["x"] = SparseCounts.from_scipy(self.X[idx], canonical=self._canonical)
         return batch
+
+
+def in_memory_canonical(X: object) -> bool:
+    """Whether ``X`` is an in-memory CSR matrix in canonical form: its row slices are then
+    canonical too, so minibatches need no check (checked once here, not per minibatch; an
+    on-disk matrix is checked per minibatch)."""
+    return isinstance(X, sp.csr_matrix | sp.csr_array) and bool(X.has_canonical_format)
 
 
 def _process_group() -> tuple[int, int]:

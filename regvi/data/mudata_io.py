@@ -33,7 +33,7 @@ import torch
 
 from regvi.data.counts import SparseCounts
 from regvi.data.io import count_matrix
-from regvi.data.loader import CsrMinibatchDataset
+from regvi.data.loader import CsrMinibatchDataset, in_memory_canonical
 from regvi.errors import DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -188,10 +188,17 @@ class MultiModalDataset(CsrMinibatchDataset):
         names = list(matrices)
         super().__init__(matrices[names[0]], covariates)
         self.matrices = dict(matrices)
+        self._canonical_matrices = {
+            name: in_memory_canonical(X) for name, X in self.matrices.items()
+        }
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
         batch = super().__getitem__(idx)
         for name, X in self.matrices.items():
-            batch[f"x_{name}"] = batch["x"] if X is self.X else SparseCounts.from_scipy(X[idx])
+            batch[f"x_{name}"] = (
+                batch["x"]
+                if X is self.X
+                else SparseCounts.from_scipy(X[idx], canonical=self._canonical_matrices[name])
+            )
         return batch
