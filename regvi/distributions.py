@@ -75,11 +75,19 @@ def gamma_poisson_log_prob_sparse(
     The log-Gamma terms (and the digammas of their gradients), the costliest part of the
     likelihood, are evaluated on the non-zero entries only. ``mu`` and ``log_theta`` are
     dense ``(cells, features)``; θ comes on the log scale (as it is sampled), saving a log.
-    See :class:`_SparseGammaPoisson` for the gradients.
+    The data constant :math:`\sum_g \log\Gamma(x_g+1)` is taken from
+    ``counts.row_log_factorials`` when the data set has precomputed it. See
+    :class:`_SparseGammaPoisson` for the gradients.
     """
     log_theta = log_theta.expand_as(mu)
     return _SparseGammaPoisson.apply(
-        mu, log_theta, counts.values, counts.flat_index, counts.offsets, eps
+        mu,
+        log_theta,
+        counts.values,
+        counts.flat_index,
+        counts.offsets,
+        eps,
+        counts.row_log_factorials,
     )
 
 
@@ -113,6 +121,7 @@ class _SparseGammaPoisson(torch.autograd.Function):
         flat_index: torch.Tensor,
         offsets: torch.Tensor,
         eps: float,
+        row_log_factorials: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ctx.input_dtypes = (mu.dtype, log_theta.dtype)
         dtype = torch.promote_types(mu.dtype, torch.float32)
@@ -133,11 +142,13 @@ class _SparseGammaPoisson(torch.autograd.Function):
             x * (torch.log(mu_x + eps) - log_theta_mu_x)
             + torch.lgamma(x + theta_x)
             - torch.lgamma(theta_x)
-            - torch.lgamma(x + 1.0)
         )
+        if row_log_factorials is None:
+            stored -= torch.lgamma(x + 1.0)
         ctx.save_for_backward(theta, log_ratio, x, mu_x, theta_x, flat_index, offsets)
         ctx.eps = eps
-        return dense + torch.segment_reduce(stored, "sum", offsets=offsets)
+        out = dense.add_(torch.segment_reduce(stored, "sum", offsets=offsets))
+        return out if row_log_factorials is None else out.sub_(row_log_factorials.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -157,7 +168,15 @@ class _SparseGammaPoisson(torch.autograd.Function):
         grad_mu.view(-1).scatter_add_(0, flat_index, grad_mu_x)
         grad_log_theta.view(-1).scatter_add_(0, flat_index, grad_log_theta_x)
         mu_dtype, log_theta_dtype = ctx.input_dtypes
-        return grad_mu.to(mu_dtype), grad_log_theta.to(log_theta_dtype), None, None, None, None
+        return (
+            grad_mu.to(mu_dtype),
+            grad_log_theta.to(log_theta_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def digamma_increment(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

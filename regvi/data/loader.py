@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from regvi.data.counts import SparseCounts
+from regvi.data.counts import SparseCounts, row_log_factorials
 from regvi.errors import DataError
 
 
@@ -30,6 +30,7 @@ class CsrMinibatchDataset(Dataset):
     def __init__(self, X: sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
         self.X = X
         self._canonical = in_memory_canonical(X)
+        self._log_factorials = cell_log_factorials(X)
         self.covariates = {
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
         }
@@ -43,6 +44,8 @@ class CsrMinibatchDataset(Dataset):
         tidx = torch.from_numpy(idx)
         batch = {name: values[tidx] for name, values in self.covariates.items()}
         batch["x"] = SparseCounts.from_scipy(self.X[idx], canonical=self._canonical)
+        if self._log_factorials is not None:
+            batch["x"].row_log_factorials = self._log_factorials[tidx]
         return batch
 
 
@@ -51,6 +54,14 @@ def in_memory_canonical(X: object) -> bool:
     canonical too, so minibatches need no check (checked once here, not per minibatch; an
     on-disk matrix is checked per minibatch)."""
     return isinstance(X, sp.csr_matrix | sp.csr_array) and bool(X.has_canonical_format)
+
+
+def cell_log_factorials(X: object) -> torch.Tensor | None:
+    """Per-cell log-factorial sums of an in-memory canonical CSR matrix (see
+    :func:`~regvi.data.counts.row_log_factorials`); ``None`` for an on-disk matrix, whose
+    minibatches have them summed by the likelihood (precomputing would read the file once
+    more)."""
+    return torch.from_numpy(row_log_factorials(X)) if in_memory_canonical(X) else None
 
 
 def _process_group() -> tuple[int, int]:

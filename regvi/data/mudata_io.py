@@ -33,7 +33,7 @@ import torch
 
 from regvi.data.counts import SparseCounts
 from regvi.data.io import count_matrix
-from regvi.data.loader import CsrMinibatchDataset, in_memory_canonical
+from regvi.data.loader import CsrMinibatchDataset, cell_log_factorials, in_memory_canonical
 from regvi.errors import DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -191,14 +191,20 @@ class MultiModalDataset(CsrMinibatchDataset):
         self._canonical_matrices = {
             name: in_memory_canonical(X) for name, X in self.matrices.items()
         }
+        self._log_factorial_sums = {
+            name: self._log_factorials if X is self.X else cell_log_factorials(X)
+            for name, X in self.matrices.items()
+        }
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
         batch = super().__getitem__(idx)
         for name, X in self.matrices.items():
-            batch[f"x_{name}"] = (
-                batch["x"]
-                if X is self.X
-                else SparseCounts.from_scipy(X[idx], canonical=self._canonical_matrices[name])
-            )
+            if X is self.X:
+                batch[f"x_{name}"] = batch["x"]
+                continue
+            counts = SparseCounts.from_scipy(X[idx], canonical=self._canonical_matrices[name])
+            if self._log_factorial_sums[name] is not None:
+                counts.row_log_factorials = self._log_factorial_sums[name][torch.from_numpy(idx)]
+            batch[f"x_{name}"] = counts
         return batch
