@@ -174,23 +174,22 @@ def test_dropout_on_stored_entries_keeps_zeros_rescales_and_is_shared_per_batch(
     assert counts.dropout(0.25, training=False) is counts
 
 
-def test_row_log_factorials_are_the_per_cell_data_constant():
-    """Precomputed per cell (in chunks, with empty rows) they equal the sum of lgamma(x + 1)
-    over the row, and the likelihood with them equals the likelihood without them."""
-    from regvi.data.counts import row_log_factorials
+def test_cell_log_factorials_are_the_per_cell_data_constant():
+    """Remembered per cell as minibatches are drawn, they equal the sum of lgamma(x + 1) over
+    the cell's counts (empty cells too), and the likelihood with them equals the likelihood
+    summing them over the entries."""
     from regvi.data.loader import CsrMinibatchDataset
 
     dense = _counts()
     dense[3] = 0  # an empty row
     X = sp.csr_matrix(dense.astype(np.float32))
     expected = torch.lgamma(torch.from_numpy(dense).double() + 1.0).sum(dim=1).numpy()
-    for chunk in (1, 7, 1 << 24):
-        np.testing.assert_allclose(row_log_factorials(X, chunk_entries=chunk), expected, rtol=1e-6)
-    batch = CsrMinibatchDataset(X, {"dispersion": np.zeros(X.shape[0], dtype=np.int64)})[
-        np.array([5, 3, 0])
-    ]
-    counts = batch["x"]
-    np.testing.assert_allclose(counts.row_log_factorials.numpy(), expected[[0, 3, 5]], rtol=1e-6)
+    dataset = CsrMinibatchDataset(X, {"dispersion": np.zeros(X.shape[0], dtype=np.int64)})
+    first = dataset[np.array([5, 3, 0])]["x"]
+    np.testing.assert_allclose(first.row_log_factorials.numpy(), expected[[0, 3, 5]], rtol=1e-6)
+    assert dataset._log_factorials.known.sum() == 3
+    counts = dataset[np.array([0, 1, 5])]["x"]  # two remembered cells, one new
+    np.testing.assert_allclose(counts.row_log_factorials.numpy(), expected[[0, 1, 5]], rtol=1e-6)
     gen = torch.Generator().manual_seed(3)
     mu = (torch.rand(counts.shape, generator=gen) * 6 + 0.05).requires_grad_()
     log_theta = torch.randn(counts.shape, generator=gen).requires_grad_()

@@ -55,8 +55,9 @@ class SparseCounts:
         self.columns = columns
         self.offsets = offsets
         self.n_features = int(n_features)
-        #: per cell :math:`\sum_g \log x_{ng}!`, when the data set has it precomputed (see
-        #: :func:`row_log_factorials`); else the likelihood sums it over the stored entries
+        #: per cell :math:`\sum_g \log x_{ng}!` when the data set supplies it (see
+        #: :class:`regvi.data.loader.LogFactorialCache`); else the likelihood sums it over
+        #: the stored entries
         self.row_log_factorials = row_log_factorials
         self._rows: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None
@@ -218,33 +219,6 @@ class SparseCounts:
 
     def __repr__(self) -> str:
         return f"SparseCounts(shape={self.shape}, nnz={self.values.shape[0]}, device={self.device})"
-
-
-def row_log_factorials(matrix: sp.csr_matrix, chunk_entries: int = 1 << 24) -> np.ndarray:
-    r"""Per row :math:`\sum_g \log x_{ng}! = \sum_g \log\Gamma(x_{ng} + 1)` of a CSR count
-    matrix, float32 ``(n_rows,)``, accumulated in float64.
-
-    A constant of the data in the negative-binomial log-likelihood: computed once per data
-    set instead of on every minibatch's stored entries at every step (a third of the
-    likelihood's log-gamma evaluations). Rows are processed in chunks of about
-    ``chunk_entries`` stored entries, so the temporary memory stays bounded.
-    """
-    indptr = np.asarray(matrix.indptr, dtype=np.int64)
-    n_rows = matrix.shape[0]
-    out = np.empty(n_rows, dtype=np.float32)
-    start = 0
-    while start < n_rows:
-        # the rows whose entries fit in the chunk (at least one row)
-        stop = int(np.searchsorted(indptr, indptr[start] + chunk_entries, side="right")) - 1
-        stop = min(max(stop, start + 1), n_rows)
-        values = torch.from_numpy(
-            np.asarray(matrix.data[indptr[start] : indptr[stop]], dtype=np.float64)
-        )
-        offsets = torch.from_numpy(indptr[start : stop + 1] - indptr[start])
-        sums = torch.segment_reduce(torch.lgamma(values + 1.0), "sum", offsets=offsets)
-        out[start:stop] = sums.numpy()
-        start = stop
-    return out
 
 
 def _transpose_scipy(counts: SparseCounts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

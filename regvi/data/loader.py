@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from regvi.data.counts import SparseCounts, row_log_factorials
+from regvi.data.counts import SparseCounts
 from regvi.errors import DataError
 
 
@@ -30,7 +30,7 @@ class CsrMinibatchDataset(Dataset):
     def __init__(self, X: sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
         self.X = X
         self._canonical = in_memory_canonical(X)
-        self._log_factorials = cell_log_factorials(X)
+        self._log_factorials = LogFactorialCache(X.shape[0])
         self.covariates = {
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
         }
@@ -43,9 +43,9 @@ class CsrMinibatchDataset(Dataset):
         # self.X is in-memory CSR or an on-disk (backed) CSR dataset: either way one slice.
         tidx = torch.from_numpy(idx)
         batch = {name: values[tidx] for name, values in self.covariates.items()}
-        batch["x"] = SparseCounts.from_scipy(self.X[idx], canonical=self._canonical)
-        if self._log_factorials is not None:
-            batch["x"].row_log_factorials = self._log_factorials[tidx]
+        counts = SparseCounts.from_scipy(self.X[idx], canonical=self._canonical)
+        counts.row_log_factorials = self._log_factorials.for_rows(tidx, counts)
+        batch["x"] = counts
         return batch
 
 
@@ -56,12 +56,27 @@ def in_memory_canonical(X: object) -> bool:
     return isinstance(X, sp.csr_matrix | sp.csr_array) and bool(X.has_canonical_format)
 
 
-def cell_log_factorials(X: object) -> torch.Tensor | None:
-    """Per-cell log-factorial sums of an in-memory canonical CSR matrix (see
-    :func:`~regvi.data.counts.row_log_factorials`); ``None`` for an on-disk matrix, whose
-    minibatches have them summed by the likelihood (precomputing would read the file once
-    more)."""
-    return torch.from_numpy(row_log_factorials(X)) if in_memory_canonical(X) else None
+class LogFactorialCache:
+    r"""Per-cell :math:`\sum_g \log x_{ng}!`, a constant of the data in the negative-binomial
+    log-likelihood, remembered as minibatches are drawn.
+
+    A cell's sum is computed from the first minibatch that holds it (the same log-gamma
+    evaluations the likelihood would make on that minibatch's entries) and reused every
+    later epoch, which saves a third of the likelihood's log-gamma evaluations from the
+    second epoch on. There is no up-front pass over the data (one would cost more than a
+    short run saves, and read an on-disk file once more); memory is 5 bytes a cell.
+    """
+
+    def __init__(self, n_cells: int):
+        self.sums = torch.zeros(n_cells)
+        self.known = torch.zeros(n_cells, dtype=torch.bool)
+
+    def for_rows(self, rows: torch.Tensor, counts: SparseCounts) -> torch.Tensor:
+        """The sums of the cells ``rows`` whose counts (in that order) are ``counts``."""
+        if not bool(self.known[rows].all()):
+            self.sums[rows] = counts.row_sums(torch.lgamma(counts.values + 1.0))
+            self.known[rows] = True
+        return self.sums[rows]
 
 
 def _process_group() -> tuple[int, int]:

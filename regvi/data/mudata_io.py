@@ -33,7 +33,7 @@ import torch
 
 from regvi.data.counts import SparseCounts
 from regvi.data.io import count_matrix
-from regvi.data.loader import CsrMinibatchDataset, cell_log_factorials, in_memory_canonical
+from regvi.data.loader import CsrMinibatchDataset, LogFactorialCache, in_memory_canonical
 from regvi.errors import DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -192,7 +192,7 @@ class MultiModalDataset(CsrMinibatchDataset):
             name: in_memory_canonical(X) for name, X in self.matrices.items()
         }
         self._log_factorial_sums = {
-            name: self._log_factorials if X is self.X else cell_log_factorials(X)
+            name: self._log_factorials if X is self.X else LogFactorialCache(X.shape[0])
             for name, X in self.matrices.items()
         }
 
@@ -204,7 +204,7 @@ class MultiModalDataset(CsrMinibatchDataset):
                 batch[f"x_{name}"] = batch["x"]
                 continue
             counts = SparseCounts.from_scipy(X[idx], canonical=self._canonical_matrices[name])
-            if self._log_factorial_sums[name] is not None:
-                counts.row_log_factorials = self._log_factorial_sums[name][torch.from_numpy(idx)]
+            rows = torch.from_numpy(idx)
+            counts.row_log_factorials = self._log_factorial_sums[name].for_rows(rows, counts)
             batch[f"x_{name}"] = counts
         return batch
