@@ -141,6 +141,16 @@ def test_single_category_tables_broadcast_like_a_per_cell_lookup():
     torch.testing.assert_close(drawn, expected)
 
 
+def _assert_same_value_and_gradients(got, want, inputs):
+    """``got`` equals ``want`` (float64) and so do their gradients w.r.t. ``inputs``."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(got.shape, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, inputs, upstream)
+    want_grads = torch.autograd.grad(want, inputs, upstream)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_antithetic_noise_pairs_rows_and_is_standard_normal():
     from regvi.module.components import antithetic_normal_rows
 
@@ -174,12 +184,7 @@ def test_antithetic_rows_match_lookups_and_their_gradients(n_codes, n_cells):
     half = torch.randn((n_cells + 1) // 2, 4, dtype=torch.float64)
     noise = torch.cat([half, -half[: n_cells // 2]])
     expected = mean[codes] + scale[codes] * noise
-    torch.testing.assert_close(drawn, expected, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn(n_cells, 4, dtype=torch.float64)
-    got = torch.autograd.grad(drawn, (mean, scale), upstream)
-    want = torch.autograd.grad(expected, (mean, scale), upstream)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    _assert_same_value_and_gradients(drawn, expected, (mean, scale))
 
     def seeded(mean_, scale_):
         torch.manual_seed(2)  # the same noise at every evaluation
@@ -202,12 +207,7 @@ def test_expected_counts_looks_up_ambient_profiles_by_code():
     inputs = (rho, log_library, table, scaling)
     fused = expected_counts(rho, log_library, table, scaling, codes)
     looked_up = expected_counts(rho, log_library, table[codes], scaling)
-    torch.testing.assert_close(fused, looked_up, rtol=1e-12, atol=0)
-    upstream = torch.randn(7, 5, dtype=torch.float64)
-    got = torch.autograd.grad(fused, inputs, upstream)
-    want = torch.autograd.grad(looked_up, inputs, upstream)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    _assert_same_value_and_gradients(fused, looked_up, inputs)
     assert torch.autograd.gradcheck(lambda *args: expected_counts(*args, codes), tuple(inputs))
     primals = tuple(t.detach() for t in inputs)
     tangents = tuple(torch.randn_like(t) for t in inputs)
@@ -238,12 +238,7 @@ def test_expected_counts_node_matches_the_formula_and_its_gradients(ambient_rows
     expression = expression * (scaling if scaling is not None else 1.0)
     expected = torch.exp(log_library)[:, None] * expression
     mu = expected_counts(rho, log_library, ambient, scaling)
-    torch.testing.assert_close(mu, expected, rtol=1e-12, atol=0)
-    upstream = torch.randn(6, 5, dtype=torch.float64)
-    got = torch.autograd.grad(mu, inputs, upstream)
-    want = torch.autograd.grad(expected, inputs, upstream)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    _assert_same_value_and_gradients(mu, expected, inputs)
 
     def from_inputs(*args):
         it = iter(args)
