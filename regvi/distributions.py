@@ -76,7 +76,7 @@ def gamma_poisson_log_prob_sparse(
     likelihood, are evaluated on the non-zero entries only. ``mu`` and ``log_theta`` are
     dense ``(cells, features)``; θ comes on the log scale (as it is sampled), saving a log.
     The data constant :math:`\sum_g \log\Gamma(x_g+1)` is taken from
-    ``counts.row_log_factorials`` when the data set has precomputed it. See
+    ``counts.row_log_factorials`` when the data set supplies it. See
     :class:`_SparseGammaPoisson` for the gradients.
     """
     log_theta = log_theta.expand_as(mu)
