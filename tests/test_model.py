@@ -129,6 +129,20 @@ def test_real_pbmc_labels_separate_better_than_technologies():
     assert held_out.iloc[-1] < 0.9 * held_out.iloc[0]
 
 
+def test_non_finite_loss_on_the_cpu_stops_before_its_update_reaches_the_weights():
+    from regvi.errors import NonFiniteLossError
+
+    adata, _ = simulate(n_cells=600, n_genes=60, n_batches=2, seed=0, return_rho=False)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    model = AmbientRegularizedSCVI(adata)
+    with pytest.raises(NonFiniteLossError, match=r"at epoch \d+ \(step \d+\)"):
+        model.train(
+            max_epochs=5, batch_size=64, lr=1e6, accelerator="cpu", enable_progress_bar=False
+        )
+    for name, parameter in model.module.named_parameters():
+        assert np.isfinite(parameter.detach().numpy()).all(), name
+
+
 def test_deferred_finite_check_stops_within_its_window_and_names_the_term():
     """The accelerator path (flags kept on the device, read every n steps), run on the CPU."""
     from regvi.errors import NonFiniteLossError

@@ -29,7 +29,9 @@ class TrainingPlan(pl.LightningModule):
       each read is a host-device synchronisation that would stop the host queueing work
       ahead of the GPU, the low GPU use of small batches) and at the last step of every
       epoch, before the epoch's checkpoint is written: a non-finite step is reported at most
-      that many steps late, and no checkpoint holds its weights.
+      that many steps late, and no checkpoint holds its weights. The flags are read before
+      the optimiser step, so when they are read every step (the CPU default) the update of
+      a non-finite step never reaches the weights in memory either.
     * Optimisation is written out (Lightning's manual optimisation): zero_grad, backward,
       optional gradient-norm clipping (``gradient_clip_val``), Adam step.
     """
@@ -164,9 +166,11 @@ class TrainingPlan(pl.LightningModule):
         self.manual_backward(output.loss)
         if self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
-        optimizer.step()
+        # before the step: a non-finite loss caught at once (every step on the CPU) stops
+        # training without its update reaching the weights
         batch_size = batch["x"].shape[0]
         self._collect_finite(self._accumulate(output, "train", batch_size), batch_idx)
+        optimizer.step()
         if batch_idx % self.trainer.log_every_n_steps == 0:
             # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
             self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=1)
