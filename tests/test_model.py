@@ -129,36 +129,37 @@ def test_real_pbmc_labels_separate_better_than_technologies():
     assert held_out.iloc[-1] < 0.9 * held_out.iloc[0]
 
 
-def test_non_finite_loss_on_the_cpu_stops_before_its_update_reaches_the_weights():
+def _diverging_run(match: str, **train_kwargs) -> tuple[AmbientRegularizedSCVI, ad.AnnData]:
+    """A model trained at lr 1e6, which diverges within the first epoch; checks that
+    training stops with a NonFiniteLossError matching ``match``."""
     from regvi.errors import NonFiniteLossError
 
     adata, _ = simulate(n_cells=600, n_genes=60, n_batches=2, seed=0, return_rho=False)
     AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
     model = AmbientRegularizedSCVI(adata)
-    with pytest.raises(NonFiniteLossError, match=r"at epoch \d+ \(step \d+\)"):
+    with pytest.raises(NonFiniteLossError, match=match):
         model.train(
-            max_epochs=5, batch_size=64, lr=1e6, accelerator="cpu", enable_progress_bar=False
+            max_epochs=5,
+            batch_size=64,
+            lr=1e6,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            **train_kwargs,
         )
+    return model, adata
+
+
+def test_non_finite_loss_on_the_cpu_stops_before_its_update_reaches_the_weights():
+    model, _ = _diverging_run(r"at epoch \d+ \(step \d+\)")
     for name, parameter in model.module.named_parameters():
         assert np.isfinite(parameter.detach().numpy()).all(), name
 
 
 def test_deferred_finite_check_stops_within_its_window_and_names_the_term():
     """The accelerator path (flags kept on the device, read every n steps), run on the CPU."""
-    from regvi.errors import NonFiniteLossError
-
-    adata, _ = simulate(n_cells=600, n_genes=60, n_batches=2, seed=0, return_rho=False)
-    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
-    model = AmbientRegularizedSCVI(adata)
-    with pytest.raises(NonFiniteLossError, match=r"steps \d+-\d+\); non-finite term\(s\): \w"):
-        model.train(
-            max_epochs=5,
-            batch_size=64,
-            lr=1e6,  # diverges within the first epoch
-            accelerator="cpu",
-            enable_progress_bar=False,
-            finite_check_every_n_steps=4,
-        )
+    _, adata = _diverging_run(
+        r"steps \d+-\d+\); non-finite term\(s\): \w", finite_check_every_n_steps=4
+    )
     # and a healthy run is not stopped by it
     model = AmbientRegularizedSCVI(adata)
     model.train(
