@@ -199,12 +199,12 @@ class MultiModalDataset(CsrMinibatchDataset):
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(indices, dtype=np.int64))
         batch = super().__getitem__(idx)
+        rows = torch.from_numpy(idx)
         for name, X in self.matrices.items():
             if X is self.X:
                 batch[f"x_{name}"] = batch["x"]
                 continue
             counts = SparseCounts.from_scipy(X[idx], canonical=self._canonical_matrices[name])
-            rows = torch.from_numpy(idx)
             counts.row_log_factorials = self._log_factorial_sums[name].for_rows(rows, counts)
             batch[f"x_{name}"] = counts
         return batch

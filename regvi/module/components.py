@@ -239,11 +239,9 @@ class HierarchicalDispersion(nn.Module):
         r""":math:`\log\theta` for each cell's group, ``(B, G)``: a draw
         :math:`\mu + \sigma\epsilon` per (cell, feature) in training, the median :math:`\mu`
         in eval."""
-        n_cells, n_features = group_codes.shape[0], self.log_theta_mean.shape[1]
         if not self.training:
-            # (1, G) with a single group: broadcast instead of a copy per cell
-            mean = per_cell_rows(self.log_theta_mean, group_codes[:, None], "sum")
-            return mean.expand(n_cells, n_features)
+            # a single group is broadcast (a view), not copied per cell
+            return rows_by_code(self.log_theta_mean, group_codes)
         sigma = torch.exp(self.log_theta_log_sigma)
         return antithetic_normal_rows(self.log_theta_mean, sigma, group_codes)
 
@@ -365,6 +363,8 @@ def expected_counts(
     for the backward pass, where the op-by-op graph keeps :math:`\rho+s` and
     :math:`(\rho+s)y` too: two cells x features buffers fewer at the memory peak of a step.
     """
+    if ambient is not None and ambient.shape[0] == 1:
+        ambient_codes = None  # one profile: broadcast, nothing to look up
     return _ExpectedCounts.apply(rho, log_library, ambient, scaling, ambient_codes)
 
 
@@ -383,7 +383,7 @@ class _ExpectedCounts(torch.autograd.Function):
     @staticmethod
     def forward(rho, log_library, ambient, scaling, ambient_codes):
         dtype = torch.promote_types(rho.dtype, torch.float32)
-        if ambient is not None and ambient_codes is not None and ambient.shape[0] > 1:
+        if ambient_codes is not None:
             mu = rows_by_code(ambient.to(dtype), ambient_codes).add_(rho.to(dtype))
         elif ambient is not None:
             mu = torch.add(rho.to(dtype), ambient.to(dtype))
@@ -404,8 +404,7 @@ class _ExpectedCounts(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)  # forward mode (torch.func.jvp, used for attribution)
         ctx.ambient_shape = None if ambient is None else ambient.shape
-        looked_up = ambient is not None and ambient_codes is not None and ambient.shape[0] > 1
-        ctx.ambient_codes = ambient_codes if looked_up else None
+        ctx.ambient_codes = ambient_codes
 
     @staticmethod
     def jvp(ctx, tangent_rho, tangent_library, tangent_ambient, tangent_scaling, _):
