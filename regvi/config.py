@@ -38,6 +38,7 @@ class DataConfig:
     validation_batch_size: int | None = None
     train_size: float = 0.9
     num_workers: int = 0
+    minibatches_per_fetch: int | None = None
     backed: bool = False
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     # Multimodal (.h5mu) only: a list of modality names or {name: count layer}; null = all.
@@ -204,6 +205,9 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         value = OmegaConf.select(merged, key)
         if value < 1:
             raise ConfigError(f"{key} must be at least 1 (got {value})")
+    per_fetch = merged.data.minibatches_per_fetch
+    if per_fetch is not None and per_fetch < 1:
+        raise ConfigError(f"data.minibatches_per_fetch must be at least 1 (got {per_fetch})")
     if not 0 < merged.data.train_size <= 1:
         raise ConfigError(f"data.train_size must be in (0, 1] (got {merged.data.train_size})")
     if merged.trainer.max_epochs is not None and merged.trainer.max_epochs < 1:

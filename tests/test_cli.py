@@ -150,6 +150,7 @@ def test_user_config_dir(tmp_path):
         ("model.n_latnet=8", ["unknown config key 'model.n_latnet'", "model.n_latent"]),
         ("model.n_latent=abc", ["model.n_latent", "abc"]),
         ("logger=nosuch", ["logger", "nosuch"]),
+        ("data.minibatches_per_fetch=0", ["data.minibatches_per_fetch", "at least 1"]),
     ],
 )
 def test_bad_config_fails_before_any_output(tmp_path, override, fragments):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from regvi.data import loader
@@ -20,15 +21,20 @@ TINY = [
 ]
 
 
-def test_ranks_get_disjoint_cells_and_equal_steps(monkeypatch):
+@pytest.mark.parametrize("minibatches_per_fetch", [1, 3])
+def test_ranks_get_disjoint_cells_and_equal_steps(monkeypatch, minibatches_per_fetch):
     subset = np.arange(1000, 1103)  # 103 cells: one sits out per epoch with 2 ranks
     shares = []
     for rank in (0, 1):
         monkeypatch.setattr(loader, "_process_group", lambda rank=rank: (rank, 2))
         torch.manual_seed(7)  # every rank draws the same permutation
-        sampler = loader._SubsetBatchSampler(subset, batch_size=16, shuffle=True)
-        batches = list(sampler)
-        assert len(batches) == len(sampler) == 4
+        sampler = loader._SubsetBatchSampler(
+            subset, batch_size=16, shuffle=True, minibatches_per_fetch=minibatches_per_fetch
+        )
+        fetches = list(sampler)
+        assert len(fetches) == len(sampler) == -(-4 // minibatches_per_fetch)
+        batches = [minibatch for fetch in fetches for minibatch in fetch]
+        assert len(batches) == sampler.n_minibatches == 4  # the same steps on both ranks
         shares.append(np.concatenate(batches))
     assert np.intersect1d(shares[0], shares[1]).size == 0
     assert shares[0].size == shares[1].size == 51

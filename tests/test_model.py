@@ -170,3 +170,44 @@ def test_deferred_finite_check_stops_within_its_window_and_names_the_term():
         finite_check_every_n_steps=4,
     )
     assert np.isfinite(model.history["loss_train"]).all()
+
+
+def test_fetching_several_minibatches_at_once_trains_the_same_model():
+    """A fetch of k minibatches is k optimiser steps on the same minibatches in the same
+    order: the trained weights and the history equal a one-minibatch-a-fetch run's, and
+    ``max_steps`` stops at the step, not at the end of a fetch."""
+    import torch
+
+    adata, _ = simulate(n_cells=500, n_genes=60, n_batches=2, seed=3, return_rho=False)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    runs = {}
+    for per_fetch in (1, 4):
+        torch.manual_seed(0)
+        model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
+        model.train(
+            max_epochs=3,
+            batch_size=32,
+            accelerator="cpu",
+            enable_progress_bar=False,
+            minibatches_per_fetch=per_fetch,
+        )
+        runs[per_fetch] = model
+    assert runs[4].trainer_.num_training_batches == 4  # 450 cells: 15 minibatches, 4 fetches
+    assert runs[1].trainer_.global_step == runs[4].trainer_.global_step == 45
+    for (name, one), (_, four) in zip(
+        runs[1].module.state_dict().items(), runs[4].module.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(one, four, rtol=1e-5, atol=1e-6, msg=name)
+    np.testing.assert_allclose(
+        runs[1].history.to_numpy(dtype=float), runs[4].history.to_numpy(dtype=float), rtol=1e-5
+    )
+    model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
+    model.train(
+        max_epochs=3,
+        max_steps=6,
+        batch_size=32,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        minibatches_per_fetch=4,
+    )
+    assert model.trainer_.global_step == 6

@@ -200,3 +200,38 @@ def test_cell_log_factorials_are_the_per_cell_data_constant():
     torch.testing.assert_close(with_constant, summed, rtol=1e-5, atol=1e-3)
     for got, want in zip(grads, torch.autograd.grad(summed.sum(), (mu, log_theta)), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_fetch_of_minibatches_equals_the_minibatches_gathered_one_by_one():
+    """In memory a fetch is cut from one gather of its rows; every minibatch of it (counts,
+    per-cell log-factorials, covariates) equals the one gathered alone, and a multimodal
+    minibatch's ``x`` stays the first modality's object."""
+    from regvi.data.loader import CsrMinibatchDataset
+    from regvi.data.mudata_io import MultiModalDataset
+
+    rna = sp.csr_matrix(_counts(n_cells=40, n_features=13, seed=1).astype(np.float32))
+    atac = sp.csr_matrix(_counts(n_cells=40, n_features=21, density=0.2, seed=2))
+    atac = atac.astype(np.float32)
+    covariates = {"dispersion": np.arange(40) % 3, "continuous": np.linspace(0, 1, 40)}
+    arrays = [np.array([7, 2, 30, 11]), np.array([39, 0, 5]), np.array([12])]
+    for make in (
+        lambda: CsrMinibatchDataset(rna, covariates),
+        lambda: MultiModalDataset({"rna": rna, "atac": atac}, covariates),
+    ):
+        fetched = make()[arrays]
+        alone = make()
+        assert len(fetched) == len(arrays)
+        for minibatch, idx in zip(fetched, arrays, strict=True):
+            expected = alone[idx]
+            assert minibatch.keys() == expected.keys()
+            for key, value in expected.items():
+                if isinstance(value, SparseCounts):
+                    got = minibatch[key]
+                    for part in ("values", "columns", "offsets", "row_log_factorials"):
+                        torch.testing.assert_close(getattr(got, part), getattr(value, part))
+                    assert got.shape == value.shape
+                    np.testing.assert_array_equal(got.to_dense().numpy(), value.to_dense().numpy())
+                else:
+                    torch.testing.assert_close(minibatch[key], value)
+            if "x_rna" in minibatch:
+                assert minibatch["x"] is minibatch["x_rna"]

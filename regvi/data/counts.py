@@ -101,6 +101,19 @@ class SparseCounts:
         out._rows, out._flat = self._rows, self._flat
         return out
 
+    def row_range(self, start: int, stop: int) -> SparseCounts:
+        """Rows ``start:stop`` (views of the stored entries; only the offsets are new)."""
+        offsets = self.offsets[start : stop + 1]
+        first, last = int(offsets[0]), int(offsets[-1])
+        log_factorials = self.row_log_factorials
+        return SparseCounts(
+            self.values[first:last],
+            self.columns[first:last],
+            offsets - first,
+            self.n_features,
+            None if log_factorials is None else log_factorials[start:stop],
+        )
+
     # ------------------------------------------------------------------ shape and transfer
     @property
     def n_cells(self) -> int:

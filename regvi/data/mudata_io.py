@@ -195,10 +195,10 @@ class MultiModalDataset(CsrMinibatchDataset):
             name: self._log_factorials if X is self.X else LogFactorialCache(X.shape[0])
             for name, X in self.matrices.items()
         }
+        self._gather_at_once = all(sp.issparse(X) for X in self.matrices.values())
 
-    def __getitem__(self, indices) -> dict[str, torch.Tensor]:
-        idx = np.sort(np.asarray(indices, dtype=np.int64))
-        batch = super().__getitem__(idx)
+    def _gather(self, idx: np.ndarray) -> dict[str, Any]:
+        batch = super()._gather(idx)
         rows = torch.from_numpy(idx)
         for name, X in self.matrices.items():
             if X is self.X:

@@ -34,6 +34,10 @@ class TrainingPlan(pl.LightningModule):
       a non-finite step never reaches the weights in memory either.
     * Optimisation is written out (Lightning's manual optimisation): zero_grad, backward,
       optional gradient-norm clipping (``gradient_clip_val``), Adam step.
+    * Each item of the data loader is a list of minibatches (a *fetch*, see
+      :func:`regvi.data.loader.make_dataloader`); ``training_step`` takes one optimiser step
+      for each, so Lightning's batches are fetches while ``global_step`` counts optimiser
+      steps (the KL schedule, the finiteness checks and ``max_steps`` go by those).
     """
 
     def __init__(
@@ -89,7 +93,7 @@ class TrainingPlan(pl.LightningModule):
             return max(1, int(self.finite_check_every_n_steps))
         return 1 if self.device.type == "cpu" else 50
 
-    def _collect_finite(self, values: torch.Tensor, batch_idx: int) -> None:
+    def _collect_finite(self, values: torch.Tensor, last_of_epoch: bool) -> None:
         """OR this step's per-term flags into the pending ones; read them back every n steps
         and at the epoch's last step (see the class notes)."""
         flags = ~torch.isfinite(values)
@@ -97,8 +101,7 @@ class TrainingPlan(pl.LightningModule):
             self._nonfinite, self._nonfinite_since = flags, self.global_step
         else:
             self._nonfinite |= flags
-        last_of_epoch = batch_idx + 1 >= self.trainer.num_training_batches
-        if not last_of_epoch and (batch_idx + 1) % self._check_every():
+        if not last_of_epoch and (self.global_step + 1) % self._check_every():
             return
         pending, self._nonfinite = self._nonfinite, None
         if bool(pending.any()):
@@ -159,37 +162,56 @@ class TrainingPlan(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log_epoch_metrics("train")
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
+    def training_step(self, minibatches: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        """One optimiser step for each minibatch of the fetch (see
+        :func:`regvi.data.loader.make_dataloader`), in order."""
         optimizer = self.optimizers()
+        last_fetch = batch_idx + 1 >= self.trainer.num_training_batches
+        max_steps = self.trainer.max_steps
+        for position, minibatch in enumerate(minibatches):
+            loss = self._optimisation_step(
+                optimizer, minibatch, last_fetch and position + 1 == len(minibatches)
+            )
+            if 0 <= max_steps <= self.global_step:
+                break  # Lightning checks max_steps only between fetches
+        if batch_idx % self.trainer.log_every_n_steps == 0:
+            # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
+            self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=1)
+        return loss
+
+    def _optimisation_step(
+        self, optimizer: Any, minibatch: dict[str, Any], last_of_epoch: bool
+    ) -> torch.Tensor:
+        output = self.module.loss(minibatch, self.n_obs_training, self.kl_weight)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(output.loss)
         if self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         # before the step: a non-finite loss caught at once (every step on the CPU) stops
         # training without its update reaching the weights
-        batch_size = batch["x"].shape[0]
-        self._collect_finite(self._accumulate(output, "train", batch_size), batch_idx)
+        batch_size = minibatch["x"].shape[0]
+        self._collect_finite(self._accumulate(output, "train", batch_size), last_of_epoch)
         optimizer.step()
-        if batch_idx % self.trainer.log_every_n_steps == 0:
-            # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
-            self.log("loss", output.loss.detach(), prog_bar=True, logger=False, batch_size=1)
         return output.loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        output = self.module.loss(batch, self.n_obs_training, self.kl_weight)
-        self._check_finite(output, "validation")
-        self._accumulate(output, "validation", batch["x"].shape[0])
+    def validation_step(self, minibatches: list[dict[str, Any]], batch_idx: int) -> None:
+        for minibatch in minibatches:
+            output = self.module.loss(minibatch, self.n_obs_training, self.kl_weight)
+            self._check_finite(output, "validation")
+            self._accumulate(output, "validation", minibatch["x"].shape[0])
 
     def transfer_batch_to_device(
-        self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
-    ) -> dict[str, Any]:
-        """A flat dict of tensors and :class:`~regvi.data.counts.SparseCounts`: moved value by
+        self, minibatches: list[dict[str, Any]], device: torch.device, dataloader_idx: int
+    ) -> list[dict[str, Any]]:
+        """Flat dicts of tensors and :class:`~regvi.data.counts.SparseCounts`: moved value by
         value (asynchronously from pinned memory), without Lightning's generic collection
         walk, which costs ~0.7 ms a step; nothing to do on the CPU."""
         if device.type == "cpu":
-            return batch
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            return minibatches
+        return [
+            {key: value.to(device, non_blocking=True) for key, value in minibatch.items()}
+            for minibatch in minibatches
+        ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every RNG state, so a resumed run draws the same minibatches and noise."""
