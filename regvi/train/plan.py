@@ -147,8 +147,20 @@ class TrainingPlan(pl.LightningModule):
         }
         if stage == "train":
             metrics["kl_weight"] = self.kl_weight
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        self._publish(metrics)
         self._logged.add(stage)
+
+    def _publish(self, metrics: dict[str, float]) -> None:
+        """Hand epoch means to the callbacks (``trainer.callback_metrics``, read by the
+        history and early stopping) and to the loggers (at the optimiser step, with the
+        epoch), as ``self.log(..., on_epoch=True)`` would. ``self.log`` re-walks every value
+        already logged in the epoch on each call: logging 25 (RNA) to 45 (multimodal) terms
+        that way took 5-9 ms an epoch, a fifth of a small multimodal data set's epoch."""
+        trainer = self.trainer
+        trainer.callback_metrics.update({name: torch.tensor(v) for name, v in metrics.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, "epoch": self.current_epoch}, step=self.global_step)
+            logger.save()
 
     def on_train_epoch_start(self) -> None:
         self._reset("train")
