@@ -111,6 +111,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
     checkpoint_every_n_epochs: int = 1
+    checkpoint_min_interval_s: float = 10.0
     deterministic: bool = False
     reuse_host_memory: bool = True
 

@@ -176,6 +176,7 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
         **train_arguments(cfg, logger),
         checkpoint_dir=run_dir / CHECKPOINT_DIR,
         checkpoint_every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
+        checkpoint_min_interval_s=cfg.trainer.checkpoint_min_interval_s,
         resume_from=_resume_from,
     )
     write_outputs(model, adata, cfg, run_dir, logger, labels_key)

@@ -211,3 +211,35 @@ def test_fetching_several_minibatches_at_once_trains_the_same_model():
         minibatches_per_fetch=4,
     )
     assert model.trainer_.global_step == 6
+
+
+@pytest.mark.parametrize("min_interval_s,expected_writes", [(0.0, 1 + 4), (3600.0, 2)])
+def test_checkpoints_are_written_at_most_once_per_interval_and_at_the_end(
+    tmp_path, monkeypatch, min_interval_s, expected_writes
+):
+    import torch
+
+    from regvi.train.callbacks import EpochCheckpoint
+
+    writes = []
+    save = EpochCheckpoint._save
+
+    def counted(self, trainer):
+        writes.append(trainer.current_epoch)
+        save(self, trainer)
+
+    monkeypatch.setattr(EpochCheckpoint, "_save", counted)
+    adata, _ = simulate(n_cells=300, n_genes=40, n_batches=2, seed=0, return_rho=False)
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
+    model.train(
+        max_epochs=4,
+        batch_size=64,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        checkpoint_dir=tmp_path,
+        checkpoint_min_interval_s=min_interval_s,
+    )
+    assert len(writes) == expected_writes  # before the first step, then per epoch / at the end
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 3 and state["global_step"] == model.trainer_.global_step

@@ -35,7 +35,7 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
-    args = ["train", *SMALL, *FAST, "trainer.max_epochs=30"]
+    args = ["train", *SMALL, *FAST, "trainer.max_epochs=30", "trainer.checkpoint_min_interval_s=0"]
     reference = run([*args, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
 

@@ -95,6 +95,7 @@ class BaseModel:
         enable_progress_bar: bool = True,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every_n_epochs: int = 1,
+        checkpoint_min_interval_s: float = 0.0,
         resume_from: str | Path | None = None,
         reuse_host_memory: bool = True,
         finite_check_every_n_steps: int | None = None,
@@ -132,9 +133,11 @@ class BaseModel:
             (so outputs are written once).
         logger, callbacks, trainer_kwargs
             Extra Lightning logger / callbacks / Trainer arguments.
-        checkpoint_dir, checkpoint_every_n_epochs
+        checkpoint_dir, checkpoint_every_n_epochs, checkpoint_min_interval_s
             Write ``<checkpoint_dir>/last.ckpt`` (weights, optimizer, step counter and so the
-            KL schedule, RNG states, history) before the first step and every n epochs.
+            KL schedule, RNG states, history) before the first step, every n epochs once at
+            least ``checkpoint_min_interval_s`` seconds have passed since the last write, and
+            after the last epoch.
         resume_from
             A checkpoint to continue from. With the same data, arguments and seed the
             continued run matches an uninterrupted one.
@@ -210,7 +213,9 @@ class BaseModel:
             self._ddp_tmp = tempfile.TemporaryDirectory(prefix="regvi-ddp-")
             checkpoint_dir = self._ddp_tmp.name
         checkpoint = (
-            EpochCheckpoint(checkpoint_dir, checkpoint_every_n_epochs) if checkpoint_dir else None
+            EpochCheckpoint(checkpoint_dir, checkpoint_every_n_epochs, checkpoint_min_interval_s)
+            if checkpoint_dir
+            else None
         )
         if early_stopping:
             if val_loader is None:

@@ -50,14 +50,21 @@ class HistoryCallback(pl.Callback):
 class EpochCheckpoint(pl.Callback):
     """Writes ``<dirpath>/last.ckpt`` atomically: once before the first step (so even a run
     that fails in its first epoch leaves a loadable checkpoint), after every
-    ``every_n_epochs`` epochs and after the last one. A kill during a write leaves the
-    previous checkpoint intact. Put it last in the callback list so the checkpoint holds the
-    other callbacks' state for the finished epoch.
+    ``every_n_epochs`` epochs, provided ``min_interval_s`` seconds have passed since the
+    last write, and after the last epoch (or an early stop). A kill during a write leaves
+    the previous checkpoint intact. Put it last in the callback list so the checkpoint
+    holds the other callbacks' state for the finished epoch.
+
+    The time floor bounds the cost on small data, where an epoch takes well under a
+    second: a write takes ~7 ms, 7% of an epoch of the built-in data set, while a kill
+    loses at most ``min_interval_s`` seconds of training either way.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_epochs: int = 1):
+    def __init__(self, dirpath: str | Path, every_n_epochs: int = 1, min_interval_s: float = 0):
         self.dirpath = Path(dirpath)
         self.every_n_epochs = max(1, int(every_n_epochs))
+        self.min_interval_s = float(min_interval_s)
+        self._last_write = 0.0
 
     @property
     def path(self) -> Path:
@@ -72,6 +79,7 @@ class EpochCheckpoint(pl.Callback):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
+        self._last_write = time.monotonic()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -80,8 +88,16 @@ class EpochCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs == 0 or last or trainer.should_stop:
+        if last or trainer.should_stop:
             self._save(trainer)
+        elif epoch % self.every_n_epochs == 0 and self._interval_passed(trainer):
+            self._save(trainer)
+
+    def _interval_passed(self, trainer: pl.Trainer) -> bool:
+        passed = time.monotonic() - self._last_write >= self.min_interval_s
+        if trainer.world_size > 1:  # every rank must make the same (collective) call
+            passed = bool(trainer.strategy.broadcast(passed, src=0))
+        return passed
 
 
 class ThrottledProgressBar(TQDMProgressBar):
