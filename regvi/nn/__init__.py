@@ -1,5 +1,6 @@
 """Neural-network building blocks shared by the RNA and multimodal models."""
 
+from regvi.nn.gemm import Linear, cpu_gemm_backend, linear
 from regvi.nn.layers import (
     CategoricalInjection,
     Decoder,
@@ -15,5 +16,8 @@ __all__ = [
     "Encoder",
     "FCLayers",
     "InputLinear",
+    "Linear",
+    "cpu_gemm_backend",
+    "linear",
     "sparse_input_linear",
 ]

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from regvi.data.counts import SparseCounts
+from regvi.nn.gemm import Linear
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -220,7 +221,7 @@ class FCLayers(nn.Module):
         )
         self.linears = nn.ModuleList(
             [InputLinear(n_in, n_hidden)]
-            + [nn.Linear(n_hidden, n_hidden) for _ in range(n_layers - 1)]
+            + [Linear(n_hidden, n_hidden) for _ in range(n_layers - 1)]
         )
         self.injections = nn.ModuleList(
             CategoricalInjection(n_categories, n_hidden) for _ in range(n_layers)
@@ -286,8 +287,8 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         self.layers = FCLayers(n_in, n_hidden, n_layers, dropout_rate, n_categories, activation)
-        self.mean_head = nn.Linear(n_hidden, n_out)
-        self.var_head = nn.Linear(n_hidden, n_out)
+        self.mean_head = Linear(n_hidden, n_out)
+        self.var_head = Linear(n_hidden, n_out)
         self.var_eps = var_eps
 
     def forward(
@@ -322,7 +323,7 @@ class Decoder(nn.Module):
     ):
         super().__init__()
         self.layers = FCLayers(n_in, n_hidden, n_layers, dropout_rate, n_categories, activation)
-        self.head = nn.Linear(n_hidden, n_out)
+        self.head = Linear(n_hidden, n_out)
 
     def forward(self, z: torch.Tensor, cat_codes: torch.Tensor | None = None) -> torch.Tensor:
         return F.softplus(self.head(self.layers(z, cat_codes)))
