@@ -235,3 +235,20 @@ def test_a_fetch_of_minibatches_equals_the_minibatches_gathered_one_by_one():
                     torch.testing.assert_close(minibatch[key], value)
             if "x_rna" in minibatch:
                 assert minibatch["x"] is minibatch["x_rna"]
+
+
+def test_default_fetch_is_bounded_by_cells_and_by_stored_entries():
+    from regvi.data.loader import (
+        CELLS_PER_FETCH,
+        ENTRIES_PER_FETCH,
+        CsrMinibatchDataset,
+        default_minibatches_per_fetch,
+    )
+
+    narrow = CsrMinibatchDataset(sp.random(500, 200, density=0.1, format="csr", random_state=0), {})
+    assert narrow.entries_per_cell() == pytest.approx(20.0)
+    assert default_minibatches_per_fetch(128, narrow.entries_per_cell()) == CELLS_PER_FETCH // 128
+    assert default_minibatches_per_fetch(4096, 20.0) == 1
+    # 20k genes at 23% non-zero: one minibatch of 128 cells is already ~600k entries
+    wide = default_minibatches_per_fetch(128, 4600.0)
+    assert wide == 1 and 128 * 4600 * wide <= ENTRIES_PER_FETCH

@@ -26,14 +26,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from regvi.data.counts import SparseCounts
 from regvi.errors import DataError
 
-#: cells a training fetch holds by default: a fetch's fixed cost (~0.4 ms on a CPU) is then
-#: under 1% of its steps at any batch size, and a fetch of sparse rows stays a few MB
+#: a training fetch holds at most this many cells by default: its fixed cost (~0.4 ms on a
+#: CPU) is then under 1% of its steps at any batch size ...
 CELLS_PER_FETCH = 2048
+#: ... and at most this many stored entries (8 MB of CSR), so wide data sets do not hold
+#: many minibatches at once (at 20k genes a step takes ~40 ms and the fetch saves nothing)
+ENTRIES_PER_FETCH = 2**20
 
 
-def default_minibatches_per_fetch(batch_size: int) -> int:
-    """Minibatches a fetch holds by default: ``max(1, CELLS_PER_FETCH // batch_size)``."""
-    return max(1, CELLS_PER_FETCH // int(batch_size))
+def default_minibatches_per_fetch(batch_size: int, entries_per_cell: float = 0.0) -> int:
+    """Minibatches a training fetch holds by default: as many as fit in
+    :data:`CELLS_PER_FETCH` cells and :data:`ENTRIES_PER_FETCH` stored entries, at least 1."""
+    by_cells = CELLS_PER_FETCH // int(batch_size)
+    by_entries = ENTRIES_PER_FETCH // max(1, int(batch_size * entries_per_cell))
+    return max(1, min(by_cells, by_entries))
 
 
 class CsrMinibatchDataset(Dataset):
@@ -55,6 +61,10 @@ class CsrMinibatchDataset(Dataset):
 
     def __len__(self) -> int:
         return self.X.shape[0]
+
+    def entries_per_cell(self) -> float:
+        """Mean stored entries a cell (see :func:`stored_entries_per_cell`)."""
+        return stored_entries_per_cell(self.X)
 
     def __getitem__(self, indices) -> dict[str, Any] | list[dict[str, Any]]:
         """An index array gives one minibatch (its cells in ascending order); a list of index
@@ -88,6 +98,14 @@ class CsrMinibatchDataset(Dataset):
         counts.row_log_factorials = self._log_factorials.for_rows(tidx, counts)
         batch["x"] = counts
         return batch
+
+
+def stored_entries_per_cell(X: object) -> float:
+    """Mean stored entries a row of an in-memory sparse matrix; the column count of any other
+    (an on-disk matrix is not read for it: a bound)."""
+    if sp.issparse(X):
+        return X.nnz / max(1, X.shape[0])
+    return float(X.shape[1])
 
 
 def _rows_of_minibatch(block: dict[str, Any], start: int, stop: int) -> dict[str, Any]:

@@ -33,7 +33,12 @@ import torch
 
 from regvi.data.counts import SparseCounts
 from regvi.data.io import count_matrix
-from regvi.data.loader import CsrMinibatchDataset, LogFactorialCache, in_memory_canonical
+from regvi.data.loader import (
+    CsrMinibatchDataset,
+    LogFactorialCache,
+    in_memory_canonical,
+    stored_entries_per_cell,
+)
 from regvi.errors import DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -196,6 +201,9 @@ class MultiModalDataset(CsrMinibatchDataset):
             for name, X in self.matrices.items()
         }
         self._gather_at_once = all(sp.issparse(X) for X in self.matrices.values())
+
+    def entries_per_cell(self) -> float:
+        return sum(stored_entries_per_cell(X) for X in self.matrices.values())
 
     def _gather(self, idx: np.ndarray) -> dict[str, Any]:
         batch = super()._gather(idx)

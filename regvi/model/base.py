@@ -154,8 +154,9 @@ class BaseModel:
         minibatches_per_fetch
             Minibatches handed over per data-loader item (one Lightning batch), each still
             one optimiser step: same minibatches, same order, same result, but Lightning's
-            and the loader's fixed cost is paid once per fetch. Default (None): enough
-            minibatches for about 2048 cells (16 at batch 128, 2 at batch 1024).
+            and the loader's fixed cost is paid once per fetch. Default (None): as many
+            minibatches as fit in 2048 cells and 2**20 stored entries (16 at batch 128 and 2
+            at batch 1024 on 2k genes; 1 at 20k genes).
         """
         dataset = self._dataset()
         n_cells = len(dataset)
@@ -170,7 +171,9 @@ class BaseModel:
             raise DataError(f"max_epochs must be at least 1 (got {max_epochs})")
         pin = accelerator not in ("cpu",) and torch.cuda.is_available()
         if minibatches_per_fetch is None:
-            minibatches_per_fetch = default_minibatches_per_fetch(batch_size)
+            minibatches_per_fetch = default_minibatches_per_fetch(
+                batch_size, dataset.entries_per_cell()
+            )
         train_loader = make_dataloader(
             dataset, train_idx, batch_size, True, num_workers, pin, minibatches_per_fetch
         )
