@@ -183,15 +183,7 @@ def test_fetching_several_minibatches_at_once_trains_the_same_model():
     runs = {}
     for per_fetch in (1, 4):
         torch.manual_seed(0)
-        model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
-        model.train(
-            max_epochs=3,
-            batch_size=32,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            minibatches_per_fetch=per_fetch,
-        )
-        runs[per_fetch] = model
+        runs[per_fetch] = _small_run(adata, max_epochs=3, minibatches_per_fetch=per_fetch)
     assert runs[4].trainer_.num_training_batches == 4  # 450 cells: 15 minibatches, 4 fetches
     assert runs[1].trainer_.global_step == runs[4].trainer_.global_step == 45
     for (name, one), (_, four) in zip(
@@ -201,16 +193,15 @@ def test_fetching_several_minibatches_at_once_trains_the_same_model():
     np.testing.assert_allclose(
         runs[1].history.to_numpy(dtype=float), runs[4].history.to_numpy(dtype=float), rtol=1e-5
     )
-    model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
-    model.train(
-        max_epochs=3,
-        max_steps=6,
-        batch_size=32,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        minibatches_per_fetch=4,
-    )
+    model = _small_run(adata, max_epochs=3, max_steps=6, minibatches_per_fetch=4)
     assert model.trainer_.global_step == 6
+
+
+def _small_run(adata: ad.AnnData, batch_size: int = 32, **train_kwargs) -> AmbientRegularizedSCVI:
+    """A small model (4 latent, 16 hidden) trained on the CPU without a progress bar."""
+    model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
+    model.train(batch_size=batch_size, accelerator="cpu", enable_progress_bar=False, **train_kwargs)
+    return model
 
 
 @pytest.mark.parametrize("min_interval_s,expected_writes", [(0.0, 1 + 4), (3600.0, 2)])
@@ -231,12 +222,10 @@ def test_checkpoints_are_written_at_most_once_per_interval_and_at_the_end(
     monkeypatch.setattr(EpochCheckpoint, "_save", counted)
     adata, _ = simulate(n_cells=300, n_genes=40, n_batches=2, seed=0, return_rho=False)
     AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
-    model = AmbientRegularizedSCVI(adata, n_latent=4, n_hidden=16)
-    model.train(
-        max_epochs=4,
+    model = _small_run(
+        adata,
         batch_size=64,
-        accelerator="cpu",
-        enable_progress_bar=False,
+        max_epochs=4,
         checkpoint_dir=tmp_path,
         checkpoint_min_interval_s=min_interval_s,
     )

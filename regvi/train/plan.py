@@ -93,12 +93,12 @@ class TrainingPlan(pl.LightningModule):
             return max(1, int(self.finite_check_every_n_steps))
         return 1 if self.device.type == "cpu" else 50
 
-    def _check_training_sums(self, last_of_epoch: bool) -> None:
-        """Every n steps and at the epoch's last step, check the epoch's term sums (see
-        :meth:`_accumulate`): a non-finite value stays non-finite in a sum, so a finite sum
-        vouches for every step added since the last check, and the non-finite entries name
-        the terms, with no per-step flags to keep."""
-        if not last_of_epoch and (self.global_step + 1) % self._check_every():
+    def _check_training_sums(self, last: bool) -> None:
+        """Every n steps and at the last step of an epoch or run, check the epoch's term
+        sums (see :meth:`_accumulate`): a non-finite value stays non-finite in a sum, so a
+        finite sum vouches for every step added since the last check, and the non-finite
+        entries name the terms, with no per-step flags to keep."""
+        if not last and (self.global_step + 1) % self._check_every():
             return
         sums = self._sums["train"]
         if bool(torch.isfinite(sums).all()):
@@ -164,6 +164,7 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._reset("train")
+        self._checked_through = self.global_step - 1  # also right after a resume
 
     def on_validation_epoch_start(self) -> None:
         self._reset("validation")
@@ -181,18 +182,20 @@ class TrainingPlan(pl.LightningModule):
         last_fetch = batch_idx + 1 >= self.trainer.num_training_batches
         max_steps = self.trainer.max_steps
         for position, minibatch in enumerate(minibatches):
-            loss = self._optimisation_step(
-                optimizer, minibatch, last_fetch and position + 1 == len(minibatches)
-            )
-            if 0 <= max_steps <= self.global_step:
-                break  # Lightning checks max_steps only between fetches
+            # Lightning checks max_steps only between fetches: stop inside one, and treat
+            # the run's last step like an epoch's (its terms are always checked)
+            last_step = 0 <= max_steps <= self.global_step + 1
+            last = last_step or (last_fetch and position + 1 == len(minibatches))
+            loss = self._optimisation_step(optimizer, minibatch, last)
+            if last_step:
+                break
         if batch_idx % self.trainer.log_every_n_steps == 0:
             # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
             self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=1)
         return loss
 
     def _optimisation_step(
-        self, optimizer: Any, minibatch: dict[str, Any], last_of_epoch: bool
+        self, optimizer: Any, minibatch: dict[str, Any], last: bool
     ) -> torch.Tensor:
         output = self.module.loss(minibatch, self.n_obs_training, self.kl_weight)
         # what optimizer.zero_grad(set_to_none=True) does, without its wrappers (~60 us)
@@ -205,7 +208,7 @@ class TrainingPlan(pl.LightningModule):
         # training without its update reaching the weights
         batch_size = minibatch["x"].shape[0]
         self._accumulate(output, "train", batch_size)
-        self._check_training_sums(last_of_epoch)
+        self._check_training_sums(last)
         optimizer.step()
         return output.loss
 
