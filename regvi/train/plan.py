@@ -114,17 +114,15 @@ class TrainingPlan(pl.LightningModule):
     # Lightning's ``self.log`` costs ~0.5 ms a call; a dozen terms a step made logging a third
     # of the step time. Terms are instead summed on the device (one stack + add per step) and
     # logged once per epoch; the progress bar gets the loss every step.
-    def _accumulate(self, output, stage: str, batch_size: int) -> torch.Tensor:
-        """Add the step's terms to the epoch sums (on the device); returns them, stacked."""
-        names = ["loss", "elbo", *output.terms]
+    def _accumulate(self, output, stage: str, batch_size: int) -> None:
+        """Add the step's terms to the epoch sums (on the device)."""
         values = torch.stack([output.loss, output.elbo, *output.terms.values()]).detach()
         if stage not in self._sums:
-            self._names[stage] = names
+            self._names[stage] = ["loss", "elbo", *output.terms]
             self._sums[stage] = torch.zeros_like(values)
             self._counts[stage] = 0
         self._sums[stage] += values * batch_size
         self._counts[stage] += batch_size
-        return values
 
     def _reset(self, stage: str) -> None:
         self._sums.pop(stage, None)
