@@ -21,6 +21,7 @@ from matplotlib.colors import to_hex, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from regvi import metrics
 from regvi.errors import DataError
 from regvi.outputs import atomic_write
 
@@ -183,11 +184,24 @@ def compute_umap(
     ):
         raise DataError(f"compute_umap: n_neighbors must be an integer >= 2, got {n_neighbors!r}")
 
+    # scanpy's n_neighbors counts the cell itself; the graph is built here (exact kNN up to
+    # metrics.APPROX_KNN_ABOVE cells) rather than by sc.pp.neighbors, whose umap-learn
+    # kernels are numba-compiled again in every process (~6 s; see umap_connectivities)
+    n_neighbors = int(min(n_neighbors, adata.n_obs - 1))
+    graph = metrics.knn_graph(rep, n_neighbors - 1, seed=seed)
     work = anndata.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str)))
     work.obsm["rep"] = rep
-    sc.pp.neighbors(
-        work, n_neighbors=int(min(n_neighbors, adata.n_obs - 1)), use_rep="rep", random_state=seed
-    )
+    work.obsp["connectivities"] = metrics.umap_connectivities(graph)
+    work.uns["neighbors"] = {
+        "connectivities_key": "connectivities",
+        "params": {
+            "n_neighbors": n_neighbors,
+            "method": "umap",
+            "metric": "euclidean",
+            "use_rep": "rep",
+            "random_state": seed,
+        },
+    }
     sc.tl.umap(work, random_state=seed)
     embedding = np.asarray(work.obsm["X_umap"], dtype=np.float32)
     adata.obsm[key_added] = embedding

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from regvi import metrics as M
+from regvi.errors import DataError
 
 
 def graph(indices, distances=None):
@@ -80,6 +81,41 @@ def test_graph_connectivity_hand_built():
     assert M.graph_connectivity(g, labels) == pytest.approx((0.5 + 1.0) / 2)
     g2 = graph([[1, 4], [2, 5], [3, 4], [0, 5], [5, 0], [4, 2]])
     assert M.graph_connectivity(g2, labels) == pytest.approx(1.0)
+
+
+def test_umap_connectivities_hand_built():
+    # two neighbours at distances 1 and 2: rho = 1, so the nearest gets weight 1 and sigma
+    # solves 1 + exp(-1 / sigma) = log2(3)
+    g = graph([[1, 2], [0, 2], [0, 1]])
+    P = M.umap_connectivities(g).toarray()
+    w = np.log2(3) - 1  # the farther neighbour's weight exp(-1 / sigma)
+    # directed: every cell's nearest has weight 1, the other w; fuzzy union a + b - ab
+    expected = np.array([[0, 1, 1], [1, 0, 2 * w - w * w], [1, 2 * w - w * w, 0]])
+    np.testing.assert_allclose(P, expected, atol=2e-5)  # bisection tolerance 1e-5
+    with pytest.raises(DataError, match="every cell"):
+        M.umap_connectivities(M.KnnGraph(g.indices[:2], g.distances[:2], np.arange(2), 3))
+
+
+def test_umap_connectivities_match_umap_learn(clouds):
+    """Oracle: umap-learn's fuzzy_simplicial_set (what scanpy's pp.neighbors calls) on the
+    same neighbours, with the cell itself in column 0 as scanpy passes them."""
+    import scipy.sparse as sp
+    from umap.umap_ import fuzzy_simplicial_set
+
+    X = clouds[2].astype(np.float32)
+    X[1] = X[0]  # a duplicate: a neighbour at distance 0
+    n, k = X.shape[0], 15
+    g = M.knn_graph(X, k - 1)
+    ours = M.umap_connectivities(g)
+    indices = np.column_stack([np.arange(n), g.indices])
+    distances = np.column_stack([np.zeros(n), g.distances])
+    reference, _, _ = fuzzy_simplicial_set(
+        sp.coo_matrix((n, 1)), k, None, None, knn_indices=indices, knn_dists=distances
+    )
+    reference = reference.tocsr()
+    assert ours.nnz == reference.nnz
+    np.testing.assert_allclose(ours.toarray(), reference.toarray(), atol=1e-6)
+    assert abs(ours - ours.T).max() == 0
 
 
 def test_knn_graph_excludes_self_even_with_duplicates():
