@@ -132,7 +132,7 @@ class OutputsConfig:
     normalized_expression: bool = True
     normalized_library_size: float = 10000.0
     figures: bool = True
-    batch_size: int = 1024
+    batch_size: int | None = None  # null: up to 1024 cells, fewer for wide data
     normalized_modalities: Any = None  # multimodal: modalities to write; null = all
 
 
@@ -206,9 +206,10 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         value = OmegaConf.select(merged, key)
         if value < 1:
             raise ConfigError(f"{key} must be at least 1 (got {value})")
-    per_fetch = merged.data.minibatches_per_fetch
-    if per_fetch is not None and per_fetch < 1:
-        raise ConfigError(f"data.minibatches_per_fetch must be at least 1 (got {per_fetch})")
+    for key in ("data.minibatches_per_fetch", "outputs.batch_size"):
+        value = OmegaConf.select(merged, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1 or null (got {value})")
     if not 0 < merged.data.train_size <= 1:
         raise ConfigError(f"data.train_size must be in (0, 1] (got {merged.data.train_size})")
     if merged.trainer.max_epochs is not None and merged.trainer.max_epochs < 1:

@@ -168,7 +168,8 @@ def write_multimodal_outputs(
             rows = mdata.obs_names.get_indexer(mdata.mod[m].obs_names)
             mdata.mod[m].layers[NORMALIZED_LAYER] = values[rows]
     table = model.get_modality_attribution(
-        batch_size=min(o.batch_size, 256), progress="attribution" if bars else None
+        batch_size=None if o.batch_size is None else min(o.batch_size, 256),
+        progress="attribution" if bars else None,
     )
     for col, values in attribution_obs_columns(table).items():
         mdata.obs[col] = values.to_numpy()

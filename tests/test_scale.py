@@ -4,14 +4,18 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import pytest
 from omegaconf import OmegaConf
 
 from regvi import AmbientRegularizedSCVI
 from regvi.config import TrainConfig
+from regvi.errors import DataError
+from regvi.model import base
+from regvi.model.base import inference_batch_size
 from regvi.workflow import load_input, train
 
 
-def test_streamed_normalized_layer_equals_in_memory_result(tmp_path):
+def test_streamed_normalized_layer_equals_in_memory_result(tmp_path, monkeypatch):
     cfg = OmegaConf.structured(TrainConfig)
     cfg.data.simulate.n_cells, cfg.data.simulate.n_genes = 500, 60
     cfg.data.batch_size, cfg.trainer.max_epochs = 64, 3
@@ -33,6 +37,35 @@ def test_streamed_normalized_layer_equals_in_memory_result(tmp_path):
     np.testing.assert_allclose(
         backed.layers["regvi_normalized"][100:110], in_memory[100:110], rtol=1e-5, atol=1e-4
     )
+
+    # without a batch size, decoding batches shrink with the number of genes (here to 50
+    # cells of 60 genes), with the same results
+    monkeypatch.setattr(base, "INFERENCE_VALUES_PER_BUFFER", 50 * 60)
+    seen, inference = [], model.module.inference
+    monkeypatch.setattr(
+        model.module, "inference", lambda b: seen.append(b["x"].shape[0]) or inference(b)
+    )
+    np.testing.assert_allclose(model.get_normalized_expression(), in_memory, rtol=1e-6)
+    assert max(seen) == 50 and sum(seen) == adata.n_obs
+    seen.clear()
+    nll = model.get_reconstruction_error()
+    assert max(seen) == 50
+    assert nll == pytest.approx(model.get_reconstruction_error(batch_size=1024), rel=1e-6)
+    seen.clear()
+    model.get_latent_representation()  # encodes only: the full default batch
+    assert max(seen) == min(1024, adata.n_obs)
+
+
+def test_inference_batch_size():
+    assert inference_batch_size(None) == 1024
+    assert inference_batch_size(None, 2000) == 1024
+    assert inference_batch_size(None, 20000) == 209  # 2**22 values per dense buffer
+    assert inference_batch_size(None, 20000, most=128) == 128
+    assert inference_batch_size(None, 10**9) == 1
+    assert inference_batch_size(300, 20000) == 300  # an explicit size is kept
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(DataError, match="batch_size"):
+            inference_batch_size(bad)
 
 
 def test_backed_training_matches_in_memory(tmp_path):

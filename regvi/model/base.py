@@ -33,6 +33,27 @@ MODEL_METADATA = "model.json"
 #: its weight as ``(in_features, out_features)``; 1 (no ``format`` key) stored it transposed,
 #: as ``nn.Linear`` does.
 SAVE_FORMAT = 2
+#: Cells per inference batch when none is given ...
+INFERENCE_BATCH_SIZE = 1024
+#: ... and at most this many values (16 MB in float32) in each dense cells x features buffer
+#: of a batch that decodes: at 20k genes a batch of 1024 cells held ~280 MB of such buffers.
+INFERENCE_VALUES_PER_BUFFER = 2**22
+
+
+def inference_batch_size(
+    batch_size: int | None, n_decoded: int = 0, most: int = INFERENCE_BATCH_SIZE
+) -> int:
+    """Cells per inference batch: ``batch_size`` when given; otherwise ``most``, or fewer
+    where a batch decodes ``n_decoded`` features per cell, so that one dense cells x features
+    buffer holds at most :data:`INFERENCE_VALUES_PER_BUFFER` values (209 cells at 20k genes).
+    Results do not depend on it: inference treats cells independently."""
+    if batch_size is None:
+        if n_decoded <= 0:
+            return most
+        return max(1, min(most, INFERENCE_VALUES_PER_BUFFER // n_decoded))
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    return int(batch_size)
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -294,13 +315,17 @@ class BaseModel:
         self,
         adata: Any,
         indices: np.ndarray | None,
-        batch_size: int,
+        batch_size: int | None,
         progress: str | None = None,
+        n_decoded: int = 0,
+        most: int = INFERENCE_BATCH_SIZE,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Minibatches (on the module's device, eval mode, in cell order); ``progress`` names
-        a progress bar over the batches (none when None)."""
+        a progress bar over the batches (none when None). ``batch_size=None``: see
+        :func:`inference_batch_size` (``n_decoded`` features decoded per cell)."""
         from tqdm.auto import tqdm
 
+        batch_size = inference_batch_size(batch_size, n_decoded, most)
         dataset = self._dataset(adata)
         idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
         self.module.eval()

@@ -318,7 +318,7 @@ class RegularizedMultimodalVI(BaseModel):
         mdata: Any = None,
         indices: np.ndarray | None = None,
         give_mean: bool = True,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
         modality: str | None = None,
         progress: str | None = None,
     ) -> np.ndarray:
@@ -336,7 +336,7 @@ class RegularizedMultimodalVI(BaseModel):
             )
         return np.concatenate(parts, axis=0)
 
-    def get_modality_latents(self, mdata: Any = None, batch_size: int = 1024) -> dict:
+    def get_modality_latents(self, mdata: Any = None, batch_size: int | None = None) -> dict:
         """``{modality: block}`` plus ``"__joint__"`` (posterior means)."""
         joint = self.get_latent_representation(mdata, batch_size=batch_size)
         return {m: joint[:, s] for m, s in self.latent_blocks.items()} | {"__joint__": joint}
@@ -356,7 +356,7 @@ class RegularizedMultimodalVI(BaseModel):
         indices: np.ndarray | None = None,
         library_size: float | str = 1e4,
         include_ambient: bool = False,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
         out: np.ndarray | None = None,
         progress: str | None = None,
     ) -> np.ndarray:
@@ -368,7 +368,8 @@ class RegularizedMultimodalVI(BaseModel):
         self._block(modality)
         part = self.module.modalities[modality]
         filled, pieces = 0, []
-        for batch in self._iterate(mdata, indices, batch_size, progress):
+        width = len(self.feature_names[modality])
+        for batch in self._iterate(mdata, indices, batch_size, progress, width):
             inf = self.module.inference(batch)
             lib = inf["per_modality"][modality]["library"]["library"]
             if library_size == "latent":
@@ -390,7 +391,7 @@ class RegularizedMultimodalVI(BaseModel):
         self,
         mdata: Any = None,
         indices: np.ndarray | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         method: str = "jvp",
         eps: float = 1e-5,
         target: str = "rate",
@@ -417,7 +418,8 @@ class RegularizedMultimodalVI(BaseModel):
         scores: dict[tuple[str, str], list[np.ndarray]] = {
             (d, b): [] for d in self.modality_names for b in self.modality_names
         }
-        for batch in self._iterate(mdata, indices, batch_size, progress):
+        widest = max(len(names) for names in self.feature_names.values())
+        for batch in self._iterate(mdata, indices, batch_size, progress, widest, most=256):
             with torch.no_grad():
                 inf = self.module.inference(batch)
             dtype = next(module.parameters()).dtype

@@ -251,7 +251,7 @@ class AmbientRegularizedSCVI(BaseModel):
         adata: ad.AnnData | None = None,
         indices: np.ndarray | None = None,
         give_mean: bool = True,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
         progress: str | None = None,
     ) -> np.ndarray:
         """Posterior mean of z (or one sample with ``give_mean=False``), ``(cells, n_latent)``,
@@ -273,7 +273,7 @@ class AmbientRegularizedSCVI(BaseModel):
         gene_list: list[str] | None = None,
         library_size: float | str = 1e4,
         include_ambient: bool = False,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
         out: Any = None,
         progress: str | None = None,
     ) -> Any:
@@ -299,7 +299,8 @@ class AmbientRegularizedSCVI(BaseModel):
                 raise DataError(f"genes not in the model: {', '.join(map(repr, missing[:5]))}")
             cols = torch.as_tensor([lookup[g] for g in gene_list])
         chunks, row = [], 0
-        for batch in self._iterate(adata, indices, batch_size, progress):
+        n_genes = len(self.gene_names)
+        for batch in self._iterate(adata, indices, batch_size, progress, n_genes):
             inf = self.module.inference(batch)
             gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
             if library_size == "latent":
@@ -324,12 +325,12 @@ class AmbientRegularizedSCVI(BaseModel):
         self,
         adata: ad.AnnData | None = None,
         indices: np.ndarray | None = None,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
     ) -> float:
         """Mean per-cell negative log-likelihood of the counts (summed over genes) at the
         posterior means of z and ℓ and the posterior-median θ: a held-out fit measure."""
         total, n = 0.0, 0
-        for batch in self._iterate(adata, indices, batch_size):
+        for batch in self._iterate(adata, indices, batch_size, None, len(self.gene_names)):
             inf = self.module.inference(batch)
             gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
             nll = self.module.rna.reconstruction_loss(batch["x"], gen["mu"], batch)
