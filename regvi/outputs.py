@@ -7,8 +7,10 @@ Every file is written under a temporary name in its final directory and renamed 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -63,21 +65,49 @@ def write_h5ad_atomic(
                 if "X" in dst:
                     del dst["X"]
                 src.copy(src["X"], dst, "X")
-        if not streamed_layers:
-            return
-        n_obs, n_vars = adata.shape
-        rows_per_chunk = max(1, min(n_obs, (1 << 20) // (4 * max(n_vars, 1))))  # ~1 MB chunks
-        with h5py.File(tmp, "a") as f:
-            layers = f["layers"]
-            for name, fill in streamed_layers.items():
-                ds = layers.create_dataset(
-                    name, shape=(n_obs, n_vars), dtype="float32", chunks=(rows_per_chunk, n_vars)
-                )
-                ds.attrs["encoding-type"] = "array"
-                ds.attrs["encoding-version"] = "0.2.0"
-                fill(ds)
+        if streamed_layers:
+            with h5py.File(tmp, "a") as f:
+                _stream_layers(f["layers"], adata.shape, streamed_layers)
 
     return atomic_write(path, _write)
+
+
+def write_h5mu_atomic(
+    mdata: Any,
+    path: str | Path,
+    streamed_layers: Mapping[str, Mapping[str, LayerFiller]] | None = None,
+) -> Path:
+    """Write a MuData object to ``path`` via a temporary file and a rename;
+    ``streamed_layers`` maps a modality to ``{layer: fill}``, streamed into that modality's
+    layers as in :func:`write_h5ad_atomic` (shape: the modality's cells x features)."""
+
+    def _write(tmp: Path) -> None:
+        with warnings.catch_warnings():  # mudata's notice about its future defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            mdata.write_h5mu(tmp)
+        if streamed_layers:
+            with h5py.File(tmp, "a") as f:
+                for modality, layers in streamed_layers.items():
+                    group = f[f"mod/{modality}/layers"]
+                    _stream_layers(group, mdata.mod[modality].shape, layers)
+
+    return atomic_write(path, _write)
+
+
+def _stream_layers(
+    group: h5py.Group, shape: tuple[int, int], layers: Mapping[str, LayerFiller]
+) -> None:
+    """Create each layer in ``group`` as a row-chunked float32 dataset (~1 MB chunks, in
+    anndata's dense-array encoding) and let its filler write it."""
+    n_obs, n_vars = shape
+    rows_per_chunk = max(1, min(n_obs, (1 << 20) // (4 * max(n_vars, 1))))
+    for name, fill in layers.items():
+        dataset = group.create_dataset(
+            name, shape=(n_obs, n_vars), dtype="float32", chunks=(rows_per_chunk, n_vars)
+        )
+        dataset.attrs["encoding-type"] = "array"
+        dataset.attrs["encoding-version"] = "0.2.0"
+        fill(dataset)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:

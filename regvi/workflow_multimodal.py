@@ -28,7 +28,13 @@ from regvi.attribution import attribution_obs_columns
 from regvi.data.mudata_io import read_h5mu, resolve_modalities, shared_cells
 from regvi.errors import ConfigError, RegviError
 from regvi.model.multimodal import DEFAULTS, MODALITY_COVARIATE_ROLES, RegularizedMultimodalVI
-from regvi.outputs import FIGURES_DIR, HISTORY_CSV, MODEL_DIR, atomic_write, write_csv_atomic
+from regvi.outputs import (
+    FIGURES_DIR,
+    HISTORY_CSV,
+    MODEL_DIR,
+    write_csv_atomic,
+    write_h5mu_atomic,
+)
 from regvi.workflow import (
     LATENT_KEY,
     NORMALIZED_LAYER,
@@ -155,18 +161,22 @@ def write_multimodal_outputs(
         mdata.obs[f"regvi_measured_{m}"] = totals > 0
     asked = _plain(o.normalized_modalities)
     asked = model.modality_names if asked is None else [asked] if isinstance(asked, str) else asked
-    if o.normalized_expression:
-        for m in asked:
-            values = np.empty((mdata.n_obs, len(model.feature_names[m])), dtype=np.float32)
+    # Streamed into the results file batch by batch when it is written, in each modality's
+    # own cell order: never a dense cells x features array in memory.
+    streamed: dict[str, dict[str, Any]] = {}
+    for m in asked if o.normalized_expression else []:
+
+        def fill(dataset, modality=m) -> None:
             model.get_normalized_expression(
-                m,
+                modality,
+                indices=mdata.obs_names.get_indexer(mdata.mod[modality].obs_names),
                 library_size=o.normalized_library_size,
                 batch_size=o.batch_size,
-                out=values,
-                progress=f"normalized {m}" if bars else None,
+                out=dataset,
+                progress=f"normalized {modality}" if bars else None,
             )
-            rows = mdata.obs_names.get_indexer(mdata.mod[m].obs_names)
-            mdata.mod[m].layers[NORMALIZED_LAYER] = values[rows]
+
+        streamed[m] = {NORMALIZED_LAYER: fill}
     table = model.get_modality_attribution(
         batch_size=None if o.batch_size is None else min(o.batch_size, 256),
         progress="attribution" if bars else None,
@@ -191,9 +201,7 @@ def write_multimodal_outputs(
     written["model"] = model.save(run_dir / MODEL_DIR, overwrite=True)
     written["history"] = write_csv_atomic(model.history, run_dir / HISTORY_CSV)
     mdata.uns["regvi_config"] = OmegaConf.to_yaml(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        written["results"] = atomic_write(run_dir / RESULTS_H5MU, mdata.write_h5mu)
+    written["results"] = write_h5mu_atomic(mdata, run_dir / RESULTS_H5MU, streamed)
     tracking.log_figures(logger, figures)
     log.info("outputs written to %s", os.fspath(run_dir))
     return written

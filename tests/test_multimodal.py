@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 
+import h5py
 import lightning.pytorch as pl
 import mudata
 import numpy as np
@@ -215,3 +216,12 @@ def test_real_multiome_trains_end_to_end_through_the_cli(tmp_path):
         assert (run_dir / "figures" / png).read_bytes()[:4] == b"\x89PNG"
     loaded = RegularizedMultimodalVI.load(run_dir / "model", mdata=result)
     assert loaded.modality_names == ["atac", "rna"]
+    # the normalized layers were streamed (row-chunked datasets) and equal the in-memory values
+    with h5py.File(run_dir / "results.h5mu") as f:
+        assert f["mod/rna/layers/regvi_normalized"].chunks is not None
+    for m in ("atac", "rna"):
+        rows = result.obs_names.get_indexer(result.mod[m].obs_names)
+        in_memory = loaded.get_normalized_expression(m)[rows]
+        np.testing.assert_allclose(
+            result.mod[m].layers["regvi_normalized"], in_memory, rtol=1e-5, atol=1e-5
+        )
