@@ -39,6 +39,7 @@ class DataConfig:
     train_size: float = 0.9
     num_workers: int = 0
     minibatches_per_fetch: int | None = None
+    shuffle_block_cells: int | None = None
     backed: bool = False
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     # Multimodal (.h5mu) only: a list of modality names or {name: count layer}; null = all.
@@ -206,7 +207,7 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         value = OmegaConf.select(merged, key)
         if value < 1:
             raise ConfigError(f"{key} must be at least 1 (got {value})")
-    for key in ("data.minibatches_per_fetch", "outputs.batch_size"):
+    for key in ("data.minibatches_per_fetch", "data.shuffle_block_cells", "outputs.batch_size"):
         value = OmegaConf.select(merged, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1 or null (got {value})")

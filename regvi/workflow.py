@@ -75,6 +75,7 @@ def train_arguments(cfg: DictConfig, logger: Any = False) -> dict[str, Any]:
         "train_size": cfg.data.train_size,
         "num_workers": cfg.data.num_workers,
         "minibatches_per_fetch": cfg.data.minibatches_per_fetch,
+        "shuffle_block_cells": cfg.data.shuffle_block_cells,
         "early_stopping": t.early_stopping,
         "early_stopping_patience": t.early_stopping_patience,
         "early_stopping_min_delta_per_feature": t.early_stopping_min_delta_per_feature,

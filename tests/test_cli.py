@@ -152,6 +152,7 @@ def test_user_config_dir(tmp_path):
         ("logger=nosuch", ["logger", "nosuch"]),
         ("data.minibatches_per_fetch=0", ["data.minibatches_per_fetch", "at least 1"]),
         ("outputs.batch_size=0", ["outputs.batch_size", "at least 1"]),
+        ("data.shuffle_block_cells=0", ["data.shuffle_block_cells", "at least 1"]),
     ],
 )
 def test_bad_config_fails_before_any_output(tmp_path, override, fragments):

@@ -21,15 +21,15 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("minibatches_per_fetch", [1, 3])
-def test_ranks_get_disjoint_cells_and_equal_steps(monkeypatch, minibatches_per_fetch):
+@pytest.mark.parametrize("minibatches_per_fetch,block_cells", [(1, None), (3, None), (3, 8)])
+def test_ranks_get_disjoint_cells_and_equal_steps(monkeypatch, minibatches_per_fetch, block_cells):
     subset = np.arange(1000, 1103)  # 103 cells: one sits out per epoch with 2 ranks
     shares = []
     for rank in (0, 1):
         monkeypatch.setattr(loader, "_process_group", lambda rank=rank: (rank, 2))
         torch.manual_seed(7)  # every rank draws the same permutation
         sampler = loader._SubsetBatchSampler(
-            subset, batch_size=16, shuffle=True, minibatches_per_fetch=minibatches_per_fetch
+            subset, 16, True, minibatches_per_fetch, shuffle_block_cells=block_cells
         )
         fetches = list(sampler)
         assert len(fetches) == len(sampler) == -(-4 // minibatches_per_fetch)

@@ -1,14 +1,19 @@
-"""Outputs at scale: streamed normalized expression equals the in-memory computation."""
+"""Scale: streamed outputs equal the in-memory computation, bounded inference batches, and
+out-of-core training (rows read from disk, block shuffling) matching in-memory training."""
 
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
+import torch
 from omegaconf import OmegaConf
 
 from regvi import AmbientRegularizedSCVI
 from regvi.config import TrainConfig
+from regvi.data.io import OnDiskCsrRows
+from regvi.data.loader import _SubsetBatchSampler
 from regvi.errors import DataError
 from regvi.model import base
 from regvi.model.base import inference_batch_size
@@ -68,7 +73,52 @@ def test_inference_batch_size():
             inference_batch_size(bad)
 
 
-def test_backed_training_matches_in_memory(tmp_path):
+def test_block_shuffling_pools_whole_blocks_and_sees_every_cell_once():
+    subset = np.arange(1000, 1103)  # the last block holds 7 cells
+    torch.manual_seed(3)
+    sampler = _SubsetBatchSampler(subset, 16, True, 2, shuffle_block_cells=8)
+    epochs = [list(sampler) for _ in range(2)]
+    for fetches in epochs:
+        cells = np.concatenate([mb for fetch in fetches for mb in fetch])
+        np.testing.assert_array_equal(np.sort(cells), subset)
+        assert sum(len(fetch) for fetch in fetches) == sampler.n_minibatches == 7
+        for fetch in fetches:
+            pooled = np.concatenate(fetch)
+            blocks = np.unique((pooled - 1000) // 8)
+            assert blocks.size <= pooled.size // 8 + 2  # whole blocks (two cut at the ends)
+        # the pooled cells are shuffled across the fetch's minibatches, not block by block
+        assert np.unique((fetches[0][0] - 1000) // 8).size > 2
+    order = [np.concatenate([mb for fetch in fetches for mb in fetch]) for fetches in epochs]
+    assert not np.array_equal(order[0], order[1])
+    # without shuffling (validation) blocks play no part
+    plain = _SubsetBatchSampler(subset, 16, False, 2, shuffle_block_cells=8)
+    np.testing.assert_array_equal(np.concatenate([mb for f in plain for mb in f]), subset)
+
+
+def test_on_disk_rows_equal_anndata_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    X = sp.random(300, 40, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    X.data = np.ceil(X.data * 10)
+    X = sp.csr_matrix(sp.diags((np.arange(300) // 10 != 5).astype(np.float32)) @ X)
+    X.eliminate_zeros()  # rows 50-59 empty
+    ad.AnnData(X=X).write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r").X
+    reader = OnDiskCsrRows(backed)
+    selections = [
+        np.sort(rng.choice(300, 40, replace=False)),
+        np.r_[0:5, 48:70, 100, 102, 295:300],  # runs, empty rows, first and last rows
+        np.arange(50, 60),
+        np.array([], dtype=np.int64),
+    ]
+    for rows in selections:
+        got, expected = reader[rows], X[rows]
+        assert got.shape == expected.shape
+        np.testing.assert_array_equal(got.indptr, expected.indptr)
+        np.testing.assert_array_equal(got.toarray(), expected.toarray())
+
+
+@pytest.mark.parametrize("block_cells", [None, 16])
+def test_backed_training_matches_in_memory(tmp_path, block_cells):
     from regvi.datasets import simulate
 
     adata, _ = simulate(n_cells=400, n_genes=50, n_cell_types=2, n_batches=2, seed=4)
@@ -78,6 +128,7 @@ def test_backed_training_matches_in_memory(tmp_path):
     for backed in (False, True):
         cfg = OmegaConf.structured(TrainConfig)
         cfg.data.path, cfg.data.backed, cfg.data.batch_size = str(path), backed, 64
+        cfg.data.shuffle_block_cells = block_cells
         cfg.covariates.batch_key = "batch"
         cfg.trainer.max_epochs, cfg.trainer.enable_progress_bar = 4, False
         cfg.logger.name, cfg.outputs.figures = "none", False

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regvi.data.counts import SparseCounts
+from regvi.data.io import OnDiskCsrRows
 from regvi.errors import DataError
 
 #: a training fetch holds at most this many cells by default: its fixed cost (~0.4 ms on a
@@ -55,6 +56,8 @@ class CsrMinibatchDataset(Dataset):
         self.X = X
         self._canonical = in_memory_canonical(X)
         self._gather_at_once = sp.issparse(X)  # in memory: a fetch's rows in one slice
+        # on disk: rows read with one HDF5 read per run of consecutive cells
+        self._rows = X if sp.issparse(X) or not hasattr(X, "group") else OnDiskCsrRows(X)
         self._log_factorials = LogFactorialCache(X.shape[0])
         self.covariates = {
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
@@ -78,11 +81,16 @@ class CsrMinibatchDataset(Dataset):
         """One minibatch for each index array (each in ascending cell order).
 
         In memory, all of them are cut from one gather of their concatenated rows, which
-        halves the per-minibatch cost of slicing at batch 128; an on-disk matrix is read one
-        sorted minibatch at a time (h5py reads need increasing indices)."""
+        halves the per-minibatch cost of slicing at batch 128. From an on-disk matrix the
+        fetch's rows are read in one pass (in file order: one read per run of consecutive
+        cells), and each minibatch's rows are taken from that in memory."""
         sorted_arrays = [np.sort(np.asarray(a, dtype=np.int64)) for a in index_arrays]
-        if len(sorted_arrays) == 1 or not self._gather_at_once:
-            return [self._gather(idx) for idx in sorted_arrays]
+        if len(sorted_arrays) == 1:
+            return [self._gather(sorted_arrays[0])]
+        if not self._gather_at_once:
+            rows = np.sort(np.concatenate(sorted_arrays))
+            fetched = self._rows[rows]
+            return [self._gather(idx, fetched[np.searchsorted(rows, idx)]) for idx in sorted_arrays]
         block = self._gather(np.concatenate(sorted_arrays))
         bounds = np.cumsum([0, *(idx.size for idx in sorted_arrays)])
         return [
@@ -90,12 +98,13 @@ class CsrMinibatchDataset(Dataset):
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
         ]
 
-    def _gather(self, idx: np.ndarray) -> dict[str, Any]:
-        """The minibatch of the cells ``idx``, in that order."""
-        # self.X is in-memory CSR or an on-disk (backed) CSR dataset: either way one slice.
+    def _gather(self, idx: np.ndarray, rows: sp.csr_matrix | None = None) -> dict[str, Any]:
+        """The minibatch of the cells ``idx`` (ascending), in that order; ``rows``: their
+        counts, when already read."""
         tidx = torch.from_numpy(idx)
         batch: dict[str, Any] = {name: values[tidx] for name, values in self.covariates.items()}
-        counts = SparseCounts.from_scipy(self.X[idx], canonical=self._canonical)
+        rows = self._rows[idx] if rows is None else rows
+        counts = SparseCounts.from_scipy(rows, canonical=self._canonical)
         counts.row_log_factorials = self._log_factorials.for_rows(tidx, counts)
         batch["x"] = counts
         return batch
@@ -171,35 +180,62 @@ class _SubsetBatchSampler(Sampler):
     the permutation to a multiple of ``world_size``: the ranks' cells are disjoint and all
     ranks run the same number of steps (at most ``world_size - 1`` cells sit out an epoch,
     different ones each epoch when shuffling).
+
+    With ``shuffle_block_cells=B`` (shuffling only) the subset is cut into blocks of ``B``
+    consecutive cells and the *blocks* are permuted; each fetch then pools the cells of its
+    blocks and permutes them before cutting its minibatches (under DDP each process takes a
+    contiguous share of the block order). A minibatch thus mixes cells of about
+    ``fetch / B`` random blocks, and an on-disk matrix is read in runs of ``B`` cells instead
+    of one read per cell. Every cell is still seen once an epoch; the price is that cells
+    of one block tend to share fetches, which matters only if the file is ordered by
+    something the model should not see together (sorting by batch, say) and ``B`` is large.
     """
 
     def __init__(
-        self, subset: np.ndarray, batch_size: int, shuffle: bool, minibatches_per_fetch: int = 1
+        self,
+        subset: np.ndarray,
+        batch_size: int,
+        shuffle: bool,
+        minibatches_per_fetch: int = 1,
+        shuffle_block_cells: int | None = None,
     ):
         self.subset = np.asarray(subset, dtype=np.int64)
         self.shuffle = shuffle
         self.batch_size = batch_size
         self.minibatches_per_fetch = max(1, int(minibatches_per_fetch))
+        self.block_cells = int(shuffle_block_cells) if shuffle and shuffle_block_cells else 0
         self.drop_last = False
 
     def _rank_cells(self) -> np.ndarray:
         rank, world = _process_group()
-        if self.shuffle:
-            order = torch.randperm(self.subset.size).numpy()
+        n = self.subset.size
+        if self.block_cells:
+            n_blocks = -(-n // self.block_cells)
+            starts = torch.randperm(n_blocks).numpy() * self.block_cells
+            order = (starts[:, None] + np.arange(self.block_cells)).ravel()
+            order = order[order < n]
+            if world > 1:
+                share = n // world
+                order = order[rank * share : (rank + 1) * share]
+        elif self.shuffle:
+            order = torch.randperm(n).numpy()
         else:
-            order = np.arange(self.subset.size)
-        if world > 1:
-            order = order[: (order.size // world) * world][rank::world]
+            order = np.arange(n)
+        if world > 1 and not self.block_cells:
+            order = order[: (n // world) * world][rank::world]
         return self.subset[order]
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         cells = self._rank_cells()
-        minibatches = [
-            cells[start : start + self.batch_size]
-            for start in range(0, cells.size, self.batch_size)
-        ]
-        for first in range(0, len(minibatches), self.minibatches_per_fetch):
-            yield minibatches[first : first + self.minibatches_per_fetch]
+        per_fetch = self.batch_size * self.minibatches_per_fetch
+        for first in range(0, cells.size, per_fetch):
+            pooled = cells[first : first + per_fetch]
+            if self.block_cells:
+                pooled = pooled[torch.randperm(pooled.size).numpy()]
+            yield [
+                pooled[start : start + self.batch_size]
+                for start in range(0, pooled.size, self.batch_size)
+            ]
 
     @property
     def n_minibatches(self) -> int:
@@ -220,18 +256,27 @@ def make_dataloader(
     num_workers: int = 0,
     pin_memory: bool = False,
     minibatches_per_fetch: int = 1,
+    shuffle_block_cells: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``indices`` whose items are lists of ``minibatches_per_fetch`` whole
-    minibatches (fewer in the last item of a pass)."""
+    minibatches (fewer in the last item of a pass); ``shuffle_block_cells``: see
+    :class:`_SubsetBatchSampler`."""
     if batch_size < 1:
         raise DataError(f"data.batch_size must be at least 1 (got {batch_size})")
     if minibatches_per_fetch < 1:
         raise DataError(
             f"data.minibatches_per_fetch must be at least 1 (got {minibatches_per_fetch})"
         )
+    if shuffle_block_cells is not None and shuffle_block_cells < 1:
+        raise DataError(
+            f"data.shuffle_block_cells must be at least 1 or null (got {shuffle_block_cells})"
+        )
+    sampler = _SubsetBatchSampler(
+        indices, batch_size, shuffle, minibatches_per_fetch, shuffle_block_cells
+    )
     return DataLoader(
         dataset,
-        sampler=_SubsetBatchSampler(indices, batch_size, shuffle, minibatches_per_fetch),
+        sampler=sampler,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,

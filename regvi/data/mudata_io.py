@@ -205,8 +205,8 @@ class MultiModalDataset(CsrMinibatchDataset):
     def entries_per_cell(self) -> float:
         return sum(stored_entries_per_cell(X) for X in self.matrices.values())
 
-    def _gather(self, idx: np.ndarray) -> dict[str, Any]:
-        batch = super()._gather(idx)
+    def _gather(self, idx: np.ndarray, rows: sp.csr_matrix | None = None) -> dict[str, Any]:
+        batch = super()._gather(idx, rows)
         rows = torch.from_numpy(idx)
         for name, X in self.matrices.items():
             if X is self.X:

@@ -121,6 +121,7 @@ class BaseModel:
         reuse_host_memory: bool = True,
         finite_check_every_n_steps: int | None = None,
         minibatches_per_fetch: int | None = None,
+        shuffle_block_cells: int | None = None,
         **trainer_kwargs: Any,
     ) -> BaseModel:
         """Train with Lightning.
@@ -178,6 +179,12 @@ class BaseModel:
             and the loader's fixed cost is paid once per fetch. Default (None): as many
             minibatches as fit in 2048 cells and 2**20 stored entries (16 at batch 128 and 2
             at batch 1024 on 2k genes; 1 at 20k genes).
+        shuffle_block_cells
+            Shuffle blocks of this many consecutive training cells instead of single cells;
+            each fetch pools its blocks' cells and shuffles them into minibatches (see
+            :class:`~regvi.data.loader._SubsetBatchSampler`). For data on disk
+            (``backed``), this turns a minibatch's one read per cell into one read per
+            block. Default (None): cells are shuffled one by one, as in memory.
         """
         dataset = self._dataset()
         n_cells = len(dataset)
@@ -196,7 +203,14 @@ class BaseModel:
                 batch_size, dataset.entries_per_cell()
             )
         train_loader = make_dataloader(
-            dataset, train_idx, batch_size, True, num_workers, pin, minibatches_per_fetch
+            dataset,
+            train_idx,
+            batch_size,
+            True,
+            num_workers,
+            pin,
+            minibatches_per_fetch,
+            shuffle_block_cells,
         )
         val_batch_size = validation_batch_size or batch_size
         val_loader = (
