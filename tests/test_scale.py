@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from regvi import AmbientRegularizedSCVI
 from regvi.config import TrainConfig
 from regvi.data.io import OnDiskCsrRows
-from regvi.data.loader import _SubsetBatchSampler
+from regvi.data.loader import CsrMinibatchDataset, _SubsetBatchSampler
 from regvi.errors import DataError
 from regvi.model import base
 from regvi.model.base import inference_batch_size
@@ -115,6 +115,13 @@ def test_on_disk_rows_equal_anndata_rows(tmp_path):
         assert got.shape == expected.shape
         np.testing.assert_array_equal(got.indptr, expected.indptr)
         np.testing.assert_array_equal(got.toarray(), expected.toarray())
+    # the default fetch size comes from the file's own entry count, as in memory
+    on_disk, in_memory = CsrMinibatchDataset(backed, {}), CsrMinibatchDataset(X, {})
+    assert on_disk.entries_per_cell() == pytest.approx(in_memory.entries_per_cell())
+    fetch = [np.array([3, 1, 2]), np.array([250, 51, 0])]
+    for a, b in zip(on_disk[fetch], in_memory[fetch], strict=True):
+        np.testing.assert_array_equal(a["x"].values.numpy(), b["x"].values.numpy())
+        np.testing.assert_array_equal(a["x"].flat_index.numpy(), b["x"].flat_index.numpy())
 
 
 @pytest.mark.parametrize("block_cells", [None, 16])

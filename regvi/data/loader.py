@@ -68,7 +68,7 @@ class CsrMinibatchDataset(Dataset):
 
     def entries_per_cell(self) -> float:
         """Mean stored entries a cell (see :func:`stored_entries_per_cell`)."""
-        return stored_entries_per_cell(self.X)
+        return stored_entries_per_cell(self._rows)
 
     def __getitem__(self, indices) -> dict[str, Any] | list[dict[str, Any]]:
         """An index array gives one minibatch (its cells in ascending order); a list of index
@@ -111,10 +111,11 @@ class CsrMinibatchDataset(Dataset):
 
 
 def stored_entries_per_cell(X: object) -> float:
-    """Mean stored entries a row of an in-memory sparse matrix; the column count of any other
-    (an on-disk matrix is not read for it: a bound)."""
-    if sp.issparse(X):
-        return X.nnz / max(1, X.shape[0])
+    """Mean stored entries a row of an in-memory sparse matrix or of an on-disk one read by
+    :class:`~regvi.data.io.OnDiskCsrRows` (from its ``indptr``); the column count of any
+    other (a bound)."""
+    if sp.issparse(X) or isinstance(X, OnDiskCsrRows):
+        return float(X.indptr[-1]) / max(1, X.shape[0])
     return float(X.shape[1])
 
 
