@@ -57,3 +57,28 @@ def test_two_process_ddp_run_writes_one_results_file(tmp_path):
     reference = pd.read_csv(tmp_path / "single" / "history.csv")
     ratio = history["global_penalty_train"].iloc[0] / reference["global_penalty_train"].iloc[0]
     assert 0.8 < ratio < 1.25
+
+
+def test_two_process_ddp_trains_from_disk_with_block_shuffling(tmp_path):
+    """The on-disk reader travels to the spawned processes (h5py objects cannot be pickled:
+    the file is reopened there)."""
+    from regvi.datasets import simulate
+
+    adata, _ = simulate(n_cells=400, n_genes=50, n_batches=2, seed=1, return_rho=False)
+    adata.write_h5ad(tmp_path / "counts.h5ad")
+    args = [
+        "train",
+        "trainer=ddp",
+        f"data.path={tmp_path / 'counts.h5ad'}",
+        "data.backed=true",
+        "data.shuffle_block_cells=16",
+        "covariates.batch_key=batch",
+        *TINY[2:],
+        *FAST,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert len(history) == 2 and np.isfinite(history["loss_train"]).all()
+    assert [p.name for p in (tmp_path / "run").rglob("*.h5ad")] == ["results.h5ad"]

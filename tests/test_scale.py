@@ -1,6 +1,8 @@
 """Scale: streamed outputs equal the in-memory computation, bounded inference batches, and
 out-of-core training (rows read from disk, block shuffling) matching in-memory training."""
 
+import pickle
+
 import anndata as ad
 import h5py
 import numpy as np
@@ -115,6 +117,9 @@ def test_on_disk_rows_equal_anndata_rows(tmp_path):
         assert got.shape == expected.shape
         np.testing.assert_array_equal(got.indptr, expected.indptr)
         np.testing.assert_array_equal(got.toarray(), expected.toarray())
+    # a pickled copy (as sent to spawned data-parallel processes) reopens the file
+    copy = pickle.loads(pickle.dumps(CsrMinibatchDataset(backed, {})))
+    np.testing.assert_array_equal(copy._rows[selections[1]].toarray(), X[selections[1]].toarray())
     # the default fetch size comes from the file's own entry count, as in memory
     on_disk, in_memory = CsrMinibatchDataset(backed, {}), CsrMinibatchDataset(X, {})
     assert on_disk.entries_per_cell() == pytest.approx(in_memory.entries_per_cell())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import scipy.sparse as sp
 
@@ -129,9 +130,20 @@ class OnDiskCsrRows:
 
     def __init__(self, X) -> None:
         group = X.group
+        self.filename, self.group_name = group.file.filename, group.name
         self.data, self.indices = group["data"], group["indices"]
         self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
         self.shape = tuple(X.shape)
+
+    def __getstate__(self) -> dict:
+        # h5py objects cannot be pickled (data-parallel processes are spawned): the file is
+        # opened again, read-only, where the reader is unpickled
+        return {k: v for k, v in self.__dict__.items() if k not in ("data", "indices")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        group = h5py.File(self.filename, "r")[self.group_name]
+        self.data, self.indices = group["data"], group["indices"]
 
     def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
         """The rows ``rows`` (ascending, distinct) as an in-memory CSR matrix."""

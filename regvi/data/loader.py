@@ -64,7 +64,15 @@ class CsrMinibatchDataset(Dataset):
         }
 
     def __len__(self) -> int:
-        return self.X.shape[0]
+        return self._rows.shape[0]
+
+    def __getstate__(self) -> dict:
+        # an on-disk matrix travels as its reader (which reopens the file), for spawned
+        # data-parallel processes: anndata's backed matrix holds h5py objects
+        state = dict(self.__dict__)
+        if isinstance(self._rows, OnDiskCsrRows):
+            state["X"] = None
+        return state
 
     def entries_per_cell(self) -> float:
         """Mean stored entries a cell (see :func:`stored_entries_per_cell`)."""
