@@ -163,6 +163,15 @@ def test_exact_and_finite_difference_attribution_agree():
     relative = ((exact - approx).abs() / exact).to_numpy()
     assert relative.max() < 1e-2
     assert list(exact.index) == list(model._cells(None)[idx])
+    # cells given in another order come back in that order
+    reverse = idx[::-1]
+    flipped = model.get_modality_attribution(indices=reverse, batch_size=64)
+    np.testing.assert_allclose(flipped.to_numpy(), exact.to_numpy()[::-1], rtol=1e-5)
+    assert list(flipped.index) == list(exact.index[::-1])
+    latent = model.get_latent_representation()
+    np.testing.assert_allclose(
+        model.get_latent_representation(indices=reverse), latent[reverse], atol=1e-6
+    )
 
 
 def test_save_load_round_trip(tmp_path):

@@ -155,3 +155,24 @@ def test_backed_training_matches_in_memory(tmp_path, block_cells):
     np.testing.assert_allclose(
         b.layers["regvi_normalized"], a.layers["regvi_normalized"], rtol=1e-5
     )
+
+
+def test_inference_keeps_the_order_of_the_indices_given(tmp_path):
+    """Outputs for ``indices`` come back in that order (rows are read ascending, then put
+    in place), in memory and from disk."""
+    from regvi.datasets import simulate
+
+    adata, _ = simulate(n_cells=200, n_genes=30, n_batches=2, seed=0, return_rho=False)
+    adata.write_h5ad(tmp_path / "counts.h5ad")
+    order = np.array([150, 3, 99, 3, 7, 0])
+    for backed in (False, True):
+        data = ad.read_h5ad(tmp_path / "counts.h5ad", backed="r" if backed else None)
+        AmbientRegularizedSCVI.setup_anndata(data, batch_key="batch")
+        model = AmbientRegularizedSCVI(data)
+        model.train(max_epochs=1, batch_size=50, accelerator="cpu", enable_progress_bar=False)
+        latent = model.get_latent_representation()
+        np.testing.assert_allclose(
+            model.get_latent_representation(indices=order, batch_size=4), latent[order], atol=1e-6
+        )
+        normalized = model.get_normalized_expression(indices=order)
+        np.testing.assert_allclose(normalized, model.get_normalized_expression()[order], rtol=1e-5)

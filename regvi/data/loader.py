@@ -85,6 +85,16 @@ class CsrMinibatchDataset(Dataset):
             return self.minibatches(indices)
         return self._gather(np.sort(np.asarray(indices, dtype=np.int64)))
 
+    def in_order(self, indices: np.ndarray) -> dict[str, Any]:
+        """The cells ``indices`` as one batch in the order given (for inference, where the
+        caller's order is the output's): read in ascending order, then put in place."""
+        idx = np.ascontiguousarray(indices, dtype=np.int64)  # torch takes no negative strides
+        order = np.argsort(idx, kind="stable")
+        if np.array_equal(order, np.arange(idx.size)):
+            return self._gather(idx)
+        rows = self._rows[idx[order]]
+        return self._gather(idx, rows[np.argsort(order)])
+
     def minibatches(self, index_arrays: list[np.ndarray]) -> list[dict[str, Any]]:
         """One minibatch for each index array (each in ascending cell order).
 
@@ -107,8 +117,8 @@ class CsrMinibatchDataset(Dataset):
         ]
 
     def _gather(self, idx: np.ndarray, rows: sp.csr_matrix | None = None) -> dict[str, Any]:
-        """The minibatch of the cells ``idx`` (ascending), in that order; ``rows``: their
-        counts, when already read."""
+        """The minibatch of the cells ``idx``, in that order (ascending unless ``rows``, their
+        counts in that order, are given)."""
         tidx = torch.from_numpy(idx)
         batch: dict[str, Any] = {name: values[tidx] for name, values in self.covariates.items()}
         rows = self._rows[idx] if rows is None else rows

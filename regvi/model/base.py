@@ -346,7 +346,7 @@ class BaseModel:
         device = self.device
         starts = range(0, idx.size, batch_size)
         for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-            batch = dataset[idx[start : start + batch_size]]
+            batch = dataset.in_order(idx[start : start + batch_size])
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- persistence
