@@ -102,6 +102,8 @@ def _stream_layers(
     n_obs, n_vars = shape
     rows_per_chunk = max(1, min(n_obs, (1 << 20) // (4 * max(n_vars, 1))))
     for name, fill in layers.items():
+        if name in group:  # the input already had a layer of that name: replaced
+            del group[name]
         dataset = group.create_dataset(
             name, shape=(n_obs, n_vars), dtype="float32", chunks=(rows_per_chunk, n_vars)
         )

@@ -19,6 +19,7 @@ from regvi.data.loader import CsrMinibatchDataset, _SubsetBatchSampler
 from regvi.errors import DataError
 from regvi.model import base
 from regvi.model.base import inference_batch_size
+from regvi.outputs import write_h5ad_atomic
 from regvi.workflow import load_input, train
 
 
@@ -176,3 +177,17 @@ def test_inference_keeps_the_order_of_the_indices_given(tmp_path):
         )
         normalized = model.get_normalized_expression(indices=order)
         np.testing.assert_allclose(normalized, model.get_normalized_expression()[order], rtol=1e-5)
+
+
+def test_streamed_layer_replaces_a_layer_of_the_same_name(tmp_path):
+    """Training on an earlier run's results.h5ad: its old normalized layer is replaced."""
+    adata = ad.AnnData(X=np.ones((5, 3), dtype=np.float32))
+    adata.layers["regvi_normalized"] = np.zeros((5, 3), dtype=np.float32)
+
+    def fill(dataset):
+        dataset[0:5] = np.full((5, 3), 2.0, dtype=np.float32)
+
+    write_h5ad_atomic(adata, tmp_path / "results.h5ad", {"regvi_normalized": fill})
+    np.testing.assert_array_equal(
+        ad.read_h5ad(tmp_path / "results.h5ad").layers["regvi_normalized"], 2.0
+    )
