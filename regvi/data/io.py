@@ -142,6 +142,11 @@ class OnDiskCsrRows:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open the file afresh, read-only (in a new process: HDF5 handles are not shared
+        safely across a fork)."""
         group = h5py.File(self.filename, "r")[self.group_name]
         self.data, self.indices = group["data"], group["indices"]
 

@@ -296,11 +296,20 @@ def make_dataloader(
     return DataLoader(
         dataset,
         sampler=sampler,
+        worker_init_fn=_reopen_on_disk_data if num_workers > 0 else None,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+def _reopen_on_disk_data(worker_id: int) -> None:
+    """In a DataLoader worker (a forked process), open on-disk counts afresh rather than
+    read through the parent's HDF5 handle."""
+    rows = getattr(torch.utils.data.get_worker_info().dataset, "_rows", None)
+    if isinstance(rows, OnDiskCsrRows):
+        rows.reopen()
 
 
 def stratified_split(
