@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import random
 from typing import Any
 
@@ -229,6 +230,14 @@ class TrainingPlan(pl.LightningModule):
             for minibatch in minibatches
         ]
 
+    def setup(self, stage: str) -> None:
+        # In each data-parallel process: Lightning destroys the process group at exit only
+        # for NCCL. A gloo group left to C++ static destruction aborted about one CPU DDP
+        # run in six at exit ("terminate called without an active exception"), after
+        # training, so the run failed before writing outputs.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _destroy_process_group_at_exit()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every RNG state, so a resumed run draws the same minibatches and noise."""
         checkpoint["rng_states"] = {
@@ -257,6 +266,22 @@ class TrainingPlan(pl.LightningModule):
         return torch.optim.Adam(
             params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True
         )
+
+
+_exit_hook_registered = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy this process's process group when the interpreter exits (once a process)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
