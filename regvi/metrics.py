@@ -163,7 +163,8 @@ def umap_connectivities(graph: KnnGraph) -> sp.csr_matrix:
     has_positive = positive.any(axis=1)
     rho = np.where(has_positive, distances[np.arange(n), positive.argmax(axis=1)], 0)
     rho = rho.astype(np.float32)
-    excess = (distances - rho[:, None]).astype(np.float64)
+    excess32 = distances - rho[:, None]
+    excess = excess32.astype(np.float64)  # the bisection's sums in float64, as in umap-learn
     target = np.log2(k + 1)
 
     def mass_below_target(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +176,6 @@ def umap_connectivities(graph: KnnGraph) -> sp.csr_matrix:
     floor = np.where(rho > 0, mean_distance, distances.sum() / np.float32(n * (k + 1)))
     sigma = np.maximum(sigma, np.float32(1e-3) * floor.astype(np.float32))
 
-    excess32 = distances - rho[:, None]
     weights = np.where(
         (excess32 <= 0) | (sigma[:, None] == 0), np.float32(1), np.exp(-excess32 / sigma[:, None])
     ).astype(np.float32)

@@ -229,18 +229,13 @@ class _SubsetBatchSampler(Sampler):
         rank, world = _process_group()
         n = self.subset.size
         if self.block_cells:
-            n_blocks = -(-n // self.block_cells)
-            starts = torch.randperm(n_blocks).numpy() * self.block_cells
+            starts = torch.randperm(-(-n // self.block_cells)).numpy() * self.block_cells
             order = (starts[:, None] + np.arange(self.block_cells)).ravel()
             order = order[order < n]
-            if world > 1:
-                share = n // world
-                order = order[rank * share : (rank + 1) * share]
-        elif self.shuffle:
-            order = torch.randperm(n).numpy()
-        else:
-            order = np.arange(n)
-        if world > 1 and not self.block_cells:
+            share = n // world  # a contiguous share of the block order, whole blocks kept
+            return self.subset[order[rank * share : (rank + 1) * share]]
+        order = torch.randperm(n).numpy() if self.shuffle else np.arange(n)
+        if world > 1:
             order = order[: (n // world) * world][rank::world]
         return self.subset[order]
 

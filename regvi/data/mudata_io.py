@@ -207,12 +207,12 @@ class MultiModalDataset(CsrMinibatchDataset):
 
     def _gather(self, idx: np.ndarray, rows: sp.csr_matrix | None = None) -> dict[str, Any]:
         batch = super()._gather(idx, rows)
-        rows = torch.from_numpy(idx)
+        cells = torch.from_numpy(idx)
         for name, X in self.matrices.items():
             if X is self.X:
                 batch[f"x_{name}"] = batch["x"]
                 continue
             counts = SparseCounts.from_scipy(X[idx], canonical=self._canonical_matrices[name])
-            counts.row_log_factorials = self._log_factorial_sums[name].for_rows(rows, counts)
+            counts.row_log_factorials = self._log_factorial_sums[name].for_rows(cells, counts)
             batch[f"x_{name}"] = counts
         return batch

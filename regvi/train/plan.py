@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import random
 from typing import Any
 
@@ -268,15 +269,10 @@ class TrainingPlan(pl.LightningModule):
         )
 
 
-_exit_hook_registered = False
-
-
+@functools.cache
 def _destroy_process_group_at_exit() -> None:
-    """Destroy this process's process group when the interpreter exits (once a process)."""
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        _exit_hook_registered = True
-        atexit.register(_destroy_process_group)
+    """Destroy this process's process group when the interpreter exits (registered once)."""
+    atexit.register(_destroy_process_group)
 
 
 def _destroy_process_group() -> None:
