@@ -8,6 +8,7 @@ evaluated per term.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -312,6 +313,41 @@ def kl_log_theta_inverse_sqrt_exponential(
     )
 
 
+class _ClosedFormScalar(torch.autograd.Function):
+    """A scalar whose gradients come with its value (see :func:`closed_form_scalar`)."""
+
+    @staticmethod
+    def forward(ctx, value_and_grads, *inputs):
+        value, grads = value_and_grads(*inputs, with_grads=True)
+        ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, *(grad * grad_output for grad in ctx.saved_tensors)
+
+
+def closed_form_scalar(
+    value_and_grads: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
+    *inputs: torch.Tensor,
+) -> torch.Tensor:
+    r"""A scalar term of the loss with hand-derived gradients, as one autograd node.
+
+    ``value_and_grads(*inputs, with_grads)`` returns the value and (when ``with_grads``) the
+    gradient of the value with respect to each input. The global prior terms of a model
+    (dispersion KL and hyperprior, feature-scaling and ambient priors, the library weight's
+    KL) are small functions of the parameters alone, evaluated every step. Through autograd
+    each is a graph of a dozen or more nodes over small tensors, forward and backward, whose
+    fixed costs add up: leaving the terms out altogether made a batch-128 step 0.55 ms
+    (7%) shorter on the 2-core benchmark CPU. In closed form the value and the gradients
+    take a few elementwise passes and one node. Outside autograd (evaluation,
+    ``torch.no_grad``) only the value is computed.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _ClosedFormScalar.apply(value_and_grads, *inputs)
+    return value_and_grads(*inputs, with_grads=False)[0]
+
+
 def softplus_inverse(y: torch.Tensor, threshold: float = 20.0) -> torch.Tensor:
     r"""Inverse of softplus, :math:`x = y + \log(-\mathrm{expm1}(-y))`, identity above ``threshold``."""
     y = torch.as_tensor(y)
@@ -332,4 +368,5 @@ __all__ = [
     "kl_lognormal_exponential",
     "kl_log_theta_inverse_sqrt_exponential",
     "softplus_inverse",
+    "closed_form_scalar",
 ]

@@ -56,3 +56,23 @@ def test_linear_routes_only_large_float32_cpu_products(monkeypatch):
     assert type(big.double()(x.double()).grad_fn).__name__ == "AddmmBackward0"
     monkeypatch.setattr(gemm, "cpu_gemm_backend", lambda: "mkl")
     assert type(gemm.Linear(128, 2000)(x).grad_fn).__name__ == "AddmmBackward0"
+
+
+def test_direct_apply_matches_function_apply_inside_and_outside_torch_func():
+    from regvi import autograd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, requires_grad=True)
+    weight = torch.randn(3, 4, generator=g, requires_grad=True)
+    bias = torch.randn(3, generator=g, requires_grad=True)
+    direct = autograd.apply(gemm._OneDnnLinear, x, weight, bias)
+    plain = gemm._OneDnnLinear.apply(x, weight, bias)
+    assert type(direct.grad_fn) is type(plain.grad_fn)
+    torch.testing.assert_close(direct, plain)
+    grads = torch.autograd.grad(direct.square().sum(), (x, weight, bias))
+    want = torch.autograd.grad(plain.square().sum(), (x, weight, bias))
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected)
+    # inside a torch.func transform it defers to Function.apply
+    got = torch.func.grad(lambda w: autograd.apply(gemm._OneDnnLinear, x, w, bias).sum())(weight)
+    torch.testing.assert_close(got, torch.func.grad(lambda w: F.linear(x, w, bias).sum())(weight))

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from regvi import autograd
 from regvi.data.counts import SparseCounts, as_sparse_counts
 from regvi.distributions import (
+    closed_form_scalar,
     gamma_log_prob,
     gamma_poisson_log_prob_sparse,
     kl_log_theta_inverse_sqrt_exponential,
@@ -149,10 +151,22 @@ class AmbientBackground(nn.Module):
         return per_cell_rows(self.profiles(), codes, "sum")
 
     def penalty(self) -> torch.Tensor:
-        r""":math:`-\sum_{b,g}\log\mathrm{Gamma}(s_{b,g};\alpha,\beta)` (0 when not regularised)."""
+        r""":math:`P = -\sum_{b,g}\log\mathrm{Gamma}(s_{b,g};\alpha,\beta)` (0 when not
+        regularised), with the gradient in closed form (see
+        :func:`~regvi.distributions.closed_form_scalar`):
+        :math:`\partial P/\partial\beta_{b,g} = \beta s_{b,g} - (\alpha - 1)`."""
         if not self.regularise:
             return self.log_ambient.new_zeros(())
-        return -gamma_log_prob(torch.exp(self.log_ambient), self.prior_alpha, self.prior_beta).sum()
+        return closed_form_scalar(self._penalty_and_grads, self.log_ambient)
+
+    def _penalty_and_grads(
+        self, log_ambient: torch.Tensor, with_grads: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        profiles = torch.exp(log_ambient)
+        value = -gamma_log_prob(profiles, self.prior_alpha, self.prior_beta).sum()
+        if not with_grads:
+            return value, ()
+        return value, (profiles.mul(self.prior_beta).sub_(self.prior_alpha - 1.0),)
 
 
 class FeatureScaling(nn.Module):
@@ -184,8 +198,22 @@ class FeatureScaling(nn.Module):
         return per_cell_rows(self.factors(), codes, "prod")
 
     def penalty(self) -> torch.Tensor:
-        r""":math:`-\sum_{t,g}\log\mathrm{Gamma}(y_{t,g}; 200, 200)`."""
-        return -gamma_log_prob(self.factors(), self.prior_alpha, self.prior_beta).sum()
+        r""":math:`P = -\sum_{t,g}\log\mathrm{Gamma}(y_{t,g}; \alpha, \beta)`, with the
+        gradient in closed form (see :func:`~regvi.distributions.closed_form_scalar`): with
+        :math:`y = \mathrm{softplus}(\gamma)/c`,
+        :math:`\partial P/\partial\gamma = (\beta - (\alpha-1)/y)\,\sigma(\gamma)/c`
+        (:math:`\sigma` the logistic function, the derivative of softplus)."""
+        return closed_form_scalar(self._penalty_and_grads, self.raw)
+
+    def _penalty_and_grads(
+        self, raw: torch.Tensor, with_grads: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        factors = F.softplus(raw) / FEATURE_SCALING_DIVISOR
+        value = -gamma_log_prob(factors, self.prior_alpha, self.prior_beta).sum()
+        if not with_grads:
+            return value, ()
+        grad = factors.reciprocal_().mul_(1.0 - self.prior_alpha).add_(self.prior_beta)
+        return value, (grad.mul_(torch.sigmoid(raw)).div_(FEATURE_SCALING_DIVISOR),)
 
 
 class HierarchicalDispersion(nn.Module):
@@ -246,17 +274,54 @@ class HierarchicalDispersion(nn.Module):
         return antithetic_normal_rows(self.log_theta_mean, sigma, group_codes)
 
     def penalty(self) -> torch.Tensor:
-        r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`.
+        r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`:
 
-        See :func:`regvi.distributions.kl_log_theta_inverse_sqrt_exponential`.
+        .. math::
+            P = \sum_{d,g}\mathrm{KL}_{d,g}
+                - \sum_d\log\mathrm{Gamma}(\lambda_d;\alpha,\beta),\qquad
+            \mathrm{KL}_{d,g} = -\log\sigma_{d,g} - \tfrac12\log(2\pi e) + \log 2
+                + \tfrac12\mu_{d,g} - \log\lambda_d + \lambda_d E_{d,g}
+
+        with :math:`E = e^{-\mu/2 + \sigma^2/8}` (see
+        :func:`regvi.distributions.kl_log_theta_inverse_sqrt_exponential`). Its gradients, in
+        closed form (see :func:`~regvi.distributions.closed_form_scalar`), for G features:
+
+        .. math::
+            \frac{\partial P}{\partial\mu} = \tfrac12(1 - \lambda E),\qquad
+            \frac{\partial P}{\partial\log\sigma} = \tfrac14\lambda E\sigma^2 - 1,\qquad
+            \frac{\partial P}{\partial r_d} = \sigma(r_d)\Big[\sum_g E_{d,g}
+                - \frac{G + \alpha - 1}{\lambda_d} + \beta\Big]
+
+        (:math:`\lambda = \mathrm{softplus}(r)`, whose derivative is the logistic
+        :math:`\sigma(r)`).
         """
         if not self.regularise:
             return self.log_theta_mean.new_zeros(())
-        rate = self.rate()
-        kl = kl_log_theta_inverse_sqrt_exponential(
-            self.log_theta_mean, self.log_theta_log_sigma, rate[:, None]
-        ).sum()
-        return kl - gamma_log_prob(rate, self.hyper_alpha, self.hyper_beta).sum()
+        return closed_form_scalar(
+            self._penalty_and_grads, self.log_theta_mean, self.log_theta_log_sigma, self.rate_raw
+        )
+
+    def _penalty_and_grads(
+        self,
+        mean: torch.Tensor,
+        log_sigma: torch.Tensor,
+        rate_raw: torch.Tensor,
+        with_grads: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        rate = F.softplus(rate_raw)
+        kl = kl_log_theta_inverse_sqrt_exponential(mean, log_sigma, rate[:, None]).sum()
+        value = kl - gamma_log_prob(rate, self.hyper_alpha, self.hyper_beta).sum()
+        if not with_grads:
+            return value, ()
+        sigma_sq = torch.exp(2.0 * log_sigma)
+        rate_e = torch.add(sigma_sq, mean, alpha=-4.0).mul_(0.125).exp_().mul_(rate[:, None])
+        grad_mean = rate_e.mul(-0.5).add_(0.5)
+        grad_log_sigma = sigma_sq.mul_(rate_e).mul_(0.25).sub_(1.0)
+        sum_e = rate_e.sum(dim=1).div_(rate)
+        grad_rate = sum_e.sub_((mean.shape[1] + self.hyper_alpha - 1.0) / rate).add_(
+            self.hyper_beta
+        )
+        return value, (grad_mean, grad_log_sigma, grad_rate.mul_(torch.sigmoid(rate_raw)))
 
 
 @dataclass
@@ -340,10 +405,25 @@ class LearnedLibrarySize(nn.Module):
         return {"mean": mean, "var": b, "library": library, "kl": kl}
 
     def penalty(self) -> torch.Tensor:
-        """KL(q(w) || Exp(rate)) for the residual weight (0 without the residual)."""
+        r""":math:`P = \mathrm{KL}(q(w)\,\|\,\mathrm{Exp}(r))` for the residual weight (0
+        without the residual; see :func:`regvi.distributions.kl_lognormal_exponential`), with
+        its gradients in closed form (see :func:`~regvi.distributions.closed_form_scalar`):
+        with :math:`M = e^{\mu_w + \sigma_w^2/2}`,
+        :math:`\partial P/\partial\mu_w = rM - 1` and
+        :math:`\partial P/\partial\log\sigma_w = rM\sigma_w^2 - 1`."""
         if not self.residual:
             return self.global_log_mean.new_zeros(())
-        return kl_lognormal_exponential(self.w_mu, self.w_log_sigma, self.w_prior_rate)
+        return closed_form_scalar(self._penalty_and_grads, self.w_mu, self.w_log_sigma)
+
+    def _penalty_and_grads(
+        self, mu: torch.Tensor, log_sigma: torch.Tensor, with_grads: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        value = kl_lognormal_exponential(mu, log_sigma, self.w_prior_rate)
+        if not with_grads:
+            return value, ()
+        sigma_sq = torch.exp(2.0 * log_sigma)
+        rate_mean = torch.exp(mu + 0.5 * sigma_sq) * self.w_prior_rate
+        return value, (rate_mean - 1.0, rate_mean * sigma_sq - 1.0)
 
 
 def expected_counts(
@@ -365,7 +445,7 @@ def expected_counts(
     """
     if ambient is not None and ambient.shape[0] == 1:
         ambient_codes = None  # one profile: broadcast, nothing to look up
-    return _ExpectedCounts.apply(rho, log_library, ambient, scaling, ambient_codes)
+    return autograd.apply(_ExpectedCounts, rho, log_library, ambient, scaling, ambient_codes)
 
 
 class _ExpectedCounts(torch.autograd.Function):

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from regvi import autograd
+
 #: products smaller than this many multiply-adds stay on MKL. oneDNN generates a kernel per
 #: operand shape and holds ~8 MB of its own (measured as peak memory on the 1000-cell multiome
 #: benchmark), and below ~2M multiply-adds its fixed cost per call (~8 us) exceeds its gain;
@@ -135,7 +137,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and not torch.is_autocast_enabled("cpu")
         and cpu_gemm_backend() == "onednn"
     ):
-        return _OneDnnLinear.apply(x.contiguous(), weight, bias)
+        return autograd.apply(_OneDnnLinear, x.contiguous(), weight, bias)
     return F.linear(x, weight, bias)
 
 
