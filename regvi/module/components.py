@@ -154,7 +154,7 @@ class AmbientBackground(nn.Module):
         r""":math:`P = -\sum_{b,g}\log\mathrm{Gamma}(s_{b,g};\alpha,\beta)` (0 when not
         regularised), with the gradient in closed form (see
         :func:`~regvi.distributions.closed_form_scalar`):
-        :math:`\partial P/\partial\beta_{b,g} = \beta s_{b,g} - (\alpha - 1)`."""
+        :math:`\partial P/\partial\log s_{b,g} = \beta s_{b,g} - (\alpha - 1)`."""
         if not self.regularise:
             return self.log_ambient.new_zeros(())
         return closed_form_scalar(self._penalty_and_grads, self.log_ambient)
