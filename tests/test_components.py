@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from regvi.module import FeatureScaling, LibraryPrior, RegularizedVAE
-from regvi.module.components import AmbientBackground
+from regvi.module.components import FEATURE_SCALING_DIVISOR, AmbientBackground
 from regvi.nn import FCLayers
 
 
@@ -279,7 +279,7 @@ def _reference_penalties(part):
     kl = kl_log_theta_inverse_sqrt_exponential(
         d.log_theta_mean, d.log_theta_log_sigma, rate[:, None]
     )
-    factors = nn.functional.softplus(scaling.raw) / 0.7
+    factors = nn.functional.softplus(scaling.raw) / FEATURE_SCALING_DIVISOR
     return {
         "dispersion_penalty": kl.sum() - gamma_log_prob(rate, d.hyper_alpha, d.hyper_beta).sum(),
         "library_w_kl": kl_lognormal_exponential(lib.w_mu, lib.w_log_sigma, lib.w_prior_rate),

@@ -313,6 +313,8 @@ class HierarchicalDispersion(nn.Module):
         value = kl - gamma_log_prob(rate, self.hyper_alpha, self.hyper_beta).sum()
         if not with_grads:
             return value, ()
+        # the value came from the plain formula (written once, in regvi.distributions);
+        # E is recomputed here for the gradients: a few passes over G x groups numbers
         sigma_sq = torch.exp(2.0 * log_sigma)
         rate_e = torch.add(sigma_sq, mean, alpha=-4.0).mul_(0.125).exp_().mul_(rate[:, None])
         grad_mean = rate_e.mul(-0.5).add_(0.5)

@@ -343,7 +343,8 @@ def sum_of_squares(*tensors: torch.Tensor) -> torch.Tensor:
 class _SumOfSquares(torch.autograd.Function):
     r"""Forward: one dot product a tensor. Backward: :math:`2g\,t_i`, one pass a tensor, from
     the tensors themselves (parameters, so nothing new is kept); ``pow(2).sum()`` keeps a
-    squared copy of each and takes three passes over it."""
+    squared copy of each and takes three passes over it, and
+    :func:`~regvi.distributions.closed_form_scalar` would keep a :math:`2t_i` copy of each."""
 
     @staticmethod
     def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
