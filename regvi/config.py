@@ -34,7 +34,7 @@ class DataConfig:
     path: str | None = None
     layer: str | None = None
     labels_key: str | None = None
-    batch_size: int = 256
+    batch_size: int = 128
     validation_batch_size: int | None = None
     train_size: float = 0.9
     num_workers: int = 0
@@ -90,6 +90,11 @@ class ModelConfig:
     residual_library_encoder: bool = True
     library_w_prior_rate: float = 1.0
     decoder_weight_l2: float = 0.1
+    scale_activation: str = "softplus"
+    use_observed_library: bool = False
+    encoder_input: str = "normalized"
+    dropout_after_activation: bool = False
+    norm: str = "layer"
     # Multimodal only: {modality: {option: value}} overriding the options above (n_latent,
     # use_ambient, ...) and the covariate roles (ambient_covariate_keys, ...) per modality.
     modalities: Any = None

@@ -56,7 +56,15 @@ def test_batch_key_fans_out_and_conflicts_are_errors():
     keys = CovariateKeys.resolve(batch_key="batch")
     assert keys.ambient_covariate_keys == ["batch"]
     assert keys.dispersion_key == "batch" and keys.library_size_key == "batch"
-    assert keys.encoder_covariate_keys == [] and keys.nn_conditioning_covariate_keys == []
+    # the decoder is conditioned on the batch (and per-gene scaling follows it) unless the
+    # user keeps it batch-free with an explicit empty list
+    assert keys.encoder_covariate_keys == [] and keys.nn_conditioning_covariate_keys == ["batch"]
+    assert keys.feature_scaling_covariate_keys == ["batch"]
+    batch_free = CovariateKeys.resolve(batch_key="batch", nn_conditioning_covariate_keys=[])
+    assert batch_free.nn_conditioning_covariate_keys == []
+    assert batch_free.feature_scaling_covariate_keys == []
+    own = CovariateKeys.resolve(batch_key="batch", nn_conditioning_covariate_keys=["kit"])
+    assert own.nn_conditioning_covariate_keys == ["kit"]
     with pytest.raises(ConfigError, match="dispersion_key"):
         CovariateKeys.resolve(batch_key="batch", dispersion_key="x")
     with pytest.raises(ConfigError, match="same concept"):
@@ -70,7 +78,8 @@ def test_purpose_keys_map_to_roles():
     assert keys.ambient_covariate_keys == ["batch"] and keys.library_size_key == "batch"
     assert keys.feature_scaling_covariate_keys == ["dataset", "kit"]
     only_library = CovariateKeys.resolve(library_key="batch")
-    assert only_library.dataset_key is None and only_library.feature_scaling_covariate_keys == []
+    assert only_library.dataset_key is None
+    assert only_library.feature_scaling_covariate_keys == ["batch"]
     explicit = CovariateKeys.resolve(
         dataset_key="dataset", feature_scaling_covariate_keys=["kit"], library_size_key="batch"
     )

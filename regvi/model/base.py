@@ -94,7 +94,7 @@ class BaseModel:
     def train(
         self,
         max_epochs: int | None = None,
-        batch_size: int = 256,
+        batch_size: int = 128,
         train_size: float = 0.9,
         validation_batch_size: int | None = None,
         early_stopping: bool = False,

@@ -46,6 +46,12 @@ DEFAULTS: dict[str, Any] = {
     "residual_library_encoder": True,
     "library_w_prior_rate": 1.0,
     "decoder_weight_l2": 0.1,
+    # architecture switches for ablations against scVI (docs/integration.md)
+    "scale_activation": "softplus",
+    "use_observed_library": False,
+    "encoder_input": "normalized",
+    "dropout_after_activation": False,
+    "norm": "layer",
 }
 
 
@@ -205,6 +211,11 @@ class AmbientRegularizedSCVI(BaseModel):
             decoder_weight_l2=p["decoder_weight_l2"],
             init_decoder_bias=init_decoder_bias,
             init_log_ambient=init_log_ambient,
+            scale_activation=p["scale_activation"],
+            use_observed_library=p["use_observed_library"],
+            encoder_input=p["encoder_input"],
+            dropout_after_activation=p["dropout_after_activation"],
+            norm=p["norm"],
         )
 
     @property

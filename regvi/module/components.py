@@ -362,8 +362,11 @@ class LearnedLibrarySize(nn.Module):
         residual: bool = True,
         w_prior_rate: float = 1.0,
         log_sensitivity: float = 0.0,
+        observed: bool = False,
+        **layer_options,
     ):
         super().__init__()
+        self.observed = observed
         log_means = torch.as_tensor(prior.log_means, dtype=torch.float32)
         global_log_mean = log_means.mean()
         prior_vars = torch.as_tensor(prior.log_vars, dtype=torch.float32) * log_vars_weight
@@ -373,7 +376,7 @@ class LearnedLibrarySize(nn.Module):
         self.register_buffer("global_log_mean", global_log_mean)
         self.register_buffer("log_sensitivity", torch.tensor(float(log_sensitivity)))
         self.encoder = Encoder(
-            n_in, 1, n_hidden, 1, dropout_rate, n_categories, activation=activation
+            n_in, 1, n_hidden, 1, dropout_rate, n_categories, activation=activation, **layer_options
         )
         with torch.no_grad():
             self.encoder.mean_head.bias.fill_(0.0 if residual else float(log_sensitivity))
@@ -392,6 +395,12 @@ class LearnedLibrarySize(nn.Module):
         continuous: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns ``mean``, ``var`` of q(ℓ), the sample ``library`` and per-cell ``kl``."""
+        if self.observed:
+            # ablation only (scVI's default): ℓ is the centred observed log library, no KL
+            mean = torch.log(torch.clamp(observed_library, min=1.0)) - self.global_log_mean
+            mean = mean + self.log_sensitivity
+            zeros = torch.zeros_like(mean)
+            return {"mean": mean, "var": zeros, "library": mean, "kl": zeros}
         a, b = self.encoder(encoder_input, cat_codes, continuous)
         a, b = a.squeeze(-1), b.squeeze(-1)
         if self.residual:
@@ -579,14 +588,36 @@ class CountModality(nn.Module):
         decoder_weight_l2: float = 0.1,
         init_decoder_bias: np.ndarray | None = None,
         init_log_ambient: np.ndarray | None = None,
+        scale_activation: str = "softplus",
+        use_observed_library: bool = False,
+        encoder_input: str = "normalized",
+        dropout_after_activation: bool = False,
+        norm: str = "layer",
     ):
         super().__init__()
+        if encoder_input not in ("normalized", "log1p"):
+            raise ValueError(
+                f"unknown encoder_input {encoder_input!r}; choose 'normalized' or 'log1p'"
+            )
+        self.encoder_input_transform = encoder_input
+        layer_options = {"dropout_after_activation": dropout_after_activation, "norm": norm}
         self.decoder = Decoder(
-            n_latent, n_features, n_hidden, n_layers, 0.0, n_nn_conditioning_categories, activation
+            n_latent,
+            n_features,
+            n_hidden,
+            n_layers,
+            0.0,
+            n_nn_conditioning_categories,
+            activation,
+            scale_activation=scale_activation,
+            **layer_options,
         )
         if init_decoder_bias is not None:
             with torch.no_grad():
-                self.decoder.head.bias.copy_(torch.as_tensor(init_decoder_bias))
+                bias = torch.as_tensor(init_decoder_bias)
+                if scale_activation == "softmax":  # the same start: logits log(mean)
+                    bias = torch.log(F.softplus(bias))
+                self.decoder.head.bias.copy_(bias)
         self.ambient = (
             AmbientBackground(
                 n_ambient_categories,
@@ -627,7 +658,11 @@ class CountModality(nn.Module):
             residual_library_encoder,
             library_w_prior_rate,
             library_log_sensitivity,
+            observed=use_observed_library,
+            **layer_options,
         )
+        if scale_activation == "softmax":
+            self.decoder.reference_library.copy_(torch.exp(self.library.global_log_mean))
         self.decoder_weight_l2 = decoder_weight_l2
 
     def encoder_input(
@@ -642,6 +677,8 @@ class CountModality(nn.Module):
         """
         counts = as_sparse_counts(counts)
         observed_library = counts.row_sums()
+        if self.encoder_input_transform == "log1p":  # ablation only: scVI's raw log1p
+            return counts.with_values(torch.log1p(counts.values)), observed_library
         scale = torch.exp(self.library.global_log_mean) / torch.clamp(observed_library, min=1.0)
         features = counts.with_values(torch.log1p(counts.values * scale[counts.rows]))
         return features, observed_library

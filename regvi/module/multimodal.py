@@ -104,6 +104,8 @@ class RegularizedMultimodalVAE(nn.Module):
                 spec.dropout_rate,
                 spec.n_encoder_categories,
                 spec.activation,
+                dropout_after_activation=spec.count_kwargs.get("dropout_after_activation", False),
+                norm=spec.count_kwargs.get("norm", "layer"),
             )
             self.modalities[name] = CountModality(
                 spec.n_features,

@@ -46,7 +46,15 @@ class RegularizedVAE(nn.Module):
         n_in = n_genes + n_continuous
         self.n_latent = n_latent
         self.z_encoder = Encoder(
-            n_in, n_latent, n_hidden, n_layers, dropout_rate, n_encoder_categories, activation
+            n_in,
+            n_latent,
+            n_hidden,
+            n_layers,
+            dropout_rate,
+            n_encoder_categories,
+            activation,
+            dropout_after_activation=modality_kwargs.get("dropout_after_activation", False),
+            norm=modality_kwargs.get("norm", "layer"),
         )
         self.rna = CountModality(
             n_genes,

@@ -21,6 +21,7 @@ one modality (z and library size) share that dropped-out input, see
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -176,16 +177,33 @@ class CategoricalInjection(nn.Module):
     and get no weights.
     """
 
-    def __init__(self, n_categories: int, n_out: int):
+    def __init__(self, n_categories: int, n_out: int, fan_in: int | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(n_categories, n_out)) if n_categories else None
         if self.weight is not None:
-            nn.init.normal_(self.weight, std=0.01)
+            if os.environ.get("REGVI_INJECTION_INIT") == "small":
+                nn.init.normal_(self.weight, std=0.01)
+            else:
+                # the columns a one-hot input would have in the layer's Linear: uniform on
+                # ±1/sqrt(fan in) (fan in: the layer's input width plus the categories)
+                bound = 1.0 / math.sqrt(fan_in if fan_in else n_categories)
+                nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, codes: torch.Tensor | None) -> torch.Tensor | float:
         if self.weight is None or codes is None or codes.shape[-1] == 0:
             return 0.0
         return F.embedding(codes, self.weight).sum(dim=1)
+
+
+def make_norm(name: str, n_hidden: int) -> nn.Module:
+    """The normalisation layer called ``name``: ``"layer"`` (LayerNorm without affine, the
+    default: a cell's representation never depends on its minibatch) or ``"batch"``
+    (BatchNorm1d with scvi-tools' momentum 0.01 and eps 1e-3, for ablations)."""
+    if name == "layer":
+        return nn.LayerNorm(n_hidden, elementwise_affine=False)
+    if name == "batch":
+        return nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3)
+    raise ValueError(f"unknown normalisation {name!r}; choose 'layer' or 'batch'")
 
 
 class FCLayers(nn.Module):
@@ -203,6 +221,11 @@ class FCLayers(nn.Module):
         Total number of categories of the injected categorical covariates (0 for none).
     activation
         Name of the activation.
+    dropout_after_activation
+        ``True``: dropout on each block's *output* (``Linear -> norm -> activation ->
+        Dropout``, scvi-tools' order) instead of its input.
+    norm
+        ``"layer"`` or ``"batch"`` (see :func:`make_norm`).
     """
 
     def __init__(
@@ -213,10 +236,13 @@ class FCLayers(nn.Module):
         dropout_rate: float = 0.1,
         n_categories: int = 0,
         activation: str = "relu",
+        dropout_after_activation: bool = False,
+        norm: str = "layer",
     ):
         super().__init__()
         if n_layers < 1:
             raise ValueError("n_layers must be at least 1")
+        self.dropout_after_activation = dropout_after_activation
         self.dropouts = nn.ModuleList(
             nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity() for _ in range(n_layers)
         )
@@ -225,11 +251,12 @@ class FCLayers(nn.Module):
             + [Linear(n_hidden, n_hidden) for _ in range(n_layers - 1)]
         )
         self.injections = nn.ModuleList(
-            CategoricalInjection(n_categories, n_hidden) for _ in range(n_layers)
+            CategoricalInjection(
+                n_categories, n_hidden, (n_in if i == 0 else n_hidden) + n_categories
+            )
+            for i in range(n_layers)
         )
-        self.norms = nn.ModuleList(
-            nn.LayerNorm(n_hidden, elementwise_affine=False) for _ in range(n_layers)
-        )
+        self.norms = nn.ModuleList(make_norm(norm, n_hidden) for _ in range(n_layers))
         self.activations = nn.ModuleList(make_activation(activation) for _ in range(n_layers))
 
     def forward(
@@ -240,13 +267,16 @@ class FCLayers(nn.Module):
     ) -> torch.Tensor:
         """``x`` dense ``(B, n_in)`` or sparse; ``continuous`` ``(B, C)`` columns, if given, are
         appended to ``x`` (so ``n_in`` counts them)."""
+        after = self.dropout_after_activation
         h = self._first_linear(x, continuous)
         for i, (inject, norm, act) in enumerate(
             zip(self.injections, self.norms, self.activations, strict=True)
         ):
             if i > 0:
-                h = self.linears[i](self.dropouts[i](h))
+                h = self.linears[i](h if after else self.dropouts[i](h))
             h = act(norm(h + inject(cat_codes)))
+            if after:
+                h = self.dropouts[i](h)
         return h
 
     def _first_linear(
@@ -256,7 +286,7 @@ class FCLayers(nn.Module):
         on the CPU (:func:`sparse_input_linear`) and are densified on accelerators, where a
         dense GEMM is the fast path, and for tiny minibatches (see
         :data:`SPARSE_INPUT_MIN_ELEMENTS`)."""
-        dropout = self.dropouts[0]
+        dropout = nn.Identity() if self.dropout_after_activation else self.dropouts[0]
         trailing = dropout(continuous) if continuous is not None and continuous.shape[-1] else None
         if isinstance(x, SparseCounts):
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
@@ -285,9 +315,12 @@ class Encoder(nn.Module):
         n_categories: int = 0,
         activation: str = "relu",
         var_eps: float = 1e-4,
+        **layer_options,
     ):
         super().__init__()
-        self.layers = FCLayers(n_in, n_hidden, n_layers, dropout_rate, n_categories, activation)
+        self.layers = FCLayers(
+            n_in, n_hidden, n_layers, dropout_rate, n_categories, activation, **layer_options
+        )
         self.mean_head = Linear(n_hidden, n_out)
         self.var_head = Linear(n_hidden, n_out)
         self.var_eps = var_eps
@@ -321,13 +354,30 @@ class Decoder(nn.Module):
         dropout_rate: float = 0.0,
         n_categories: int = 0,
         activation: str = "relu",
+        scale_activation: str = "softplus",
+        **layer_options,
     ):
         super().__init__()
-        self.layers = FCLayers(n_in, n_hidden, n_layers, dropout_rate, n_categories, activation)
+        if scale_activation not in ("softplus", "softmax"):
+            raise ValueError(
+                f"unknown scale_activation {scale_activation!r}; choose 'softplus' or 'softmax'"
+            )
+        self.layers = FCLayers(
+            n_in, n_hidden, n_layers, dropout_rate, n_categories, activation, **layer_options
+        )
         self.head = Linear(n_hidden, n_out)
+        self.scale_activation = scale_activation
+        if scale_activation == "softmax":
+            # e^{m̄}, the reference library ρ is expressed in (set by CountModality)
+            self.register_buffer("reference_library", torch.ones(()))
 
     def forward(self, z: torch.Tensor, cat_codes: torch.Tensor | None = None) -> torch.Tensor:
-        return F.softplus(self.head(self.layers(z, cat_codes)))
+        h = self.head(self.layers(z, cat_codes))
+        if self.scale_activation == "softmax":
+            # ablation only (scVI's decoder): fractions summing to one, in units of the
+            # reference library (CountModality keeps the library centred on it)
+            return torch.softmax(h, dim=-1) * self.reference_library
+        return F.softplus(h)
 
     def weight_l2(self) -> torch.Tensor:
         """Sum of squared weights of every Linear layer and the head (biases excluded)."""

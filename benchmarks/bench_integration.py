@@ -1,0 +1,310 @@
+"""regvi vs scvi-tools SCVI: batch integration, biology kept and held-out NLL, side by side.
+
+Each (tool, configuration, data set, seed) trains in its own subprocess on the same cells and
+covariates; 10% of the cells (stratified by batch) are held out of training and give the
+held-out NLL (mean per-cell negative log-likelihood, summed over genes). The latent of every
+cell is scored with :func:`regvi.metrics.integration_metrics`:
+
+* bio: label silhouette, NMI and ARI of k-means (k = number of labels), cLISI;
+* batch: kNN batch entropy, iLISI, batch silhouette, graph connectivity;
+* total = 0.6 bio + 0.4 batch (scIB's weighting), where the data have labels;
+* without labels: kNN batch entropy, iLISI and the neighbourhood marker correlation (median
+  Pearson correlation of a cell's immune-marker expression with its latent neighbours': all
+  neighbours, and those from another batch), which falls when integration merges
+  different cell types.
+
+Both tools run at their defaults (``defaults``: scVI 128/10, regvi its defaults) and at a
+matched high-capacity size (``512/128``: n_hidden 512, n_latent 128), with each tool's own
+default number of epochs (scvi-tools' heuristic, min(round(20000/N*400), 400), for both) unless
+``--epochs`` is given. Results are printed as mean ± sd over seeds, with the ratios
+regvi / scVI, and cached as JSON under ``--cache`` so an interrupted study resumes.
+
+Ablations: ``--variant name='{"model": {...}, "train": {...}, "setup": {...}}'`` adds a regvi
+configuration (model, train and setup_anndata keyword arguments over the defaults); see
+``docs/integration.md`` for the study and its commands.
+
+Usage::
+
+    python benchmarks/bench_integration.py                       # every data set, 3 seeds
+    python benchmarks/bench_integration.py --data pbmc_3tech --seeds 0 --sizes defaults
+    python benchmarks/bench_integration.py --data atlas --tools regvi --variant \\
+        no_ambient='{"model": {"use_ambient": false}}'
+
+Needs ``pip install "regvi[bench]"`` (scvi-tools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: name -> (file or "atlas", labels key or None)
+DATASETS: dict[str, tuple[str, str | None]] = {
+    "pbmc_3tech": ("pbmc_3tech_symphony_1500.h5ad", "cell_type"),
+    "atlas": ("atlas", "cell_type"),
+    "kang": ("pbmc_kang_ctrl_stim_2000_unlabeled.h5ad", None),
+    "pbmc1k_v2v3": ("pbmc1k_10x_v2_v3_unlabeled.h5ad", None),
+}
+
+SIZES = {"defaults": {}, "512/128": {"n_hidden": 512, "n_latent": 128}}
+HELD_OUT_FRACTION = 0.1
+
+
+def load_data(name: str):
+    """The AnnData of data set ``name`` with a categorical ``obs['batch']``."""
+    import anndata as ad
+
+    source, _ = DATASETS[name]
+    if source == "atlas":
+        from regvi.atlas import simulate_atlas
+
+        adata = simulate_atlas(seed=0)
+    else:
+        adata = ad.read_h5ad(SHARED / source)
+    adata.obs["batch"] = adata.obs["batch"].astype(str).astype("category")
+    # one group for every cell: e.g. ablations with a single dispersion group
+    adata.obs["all_cells"] = pd.Categorical(["all"] * adata.n_obs)
+    return adata
+
+
+def held_out_mask(batch: np.ndarray, seed: int = 0) -> np.ndarray:
+    """10% of each batch's cells, the same for every tool and seed."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(batch.size, dtype=bool)
+    for value in np.unique(batch):
+        idx = np.flatnonzero(batch == value)
+        mask[rng.choice(idx, int(round(HELD_OUT_FRACTION * idx.size)), replace=False)] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- workers
+def _train_regvi(adata, train, test, size: dict, variant: dict, seed: int, epochs):
+    import torch
+
+    from regvi import AmbientRegularizedSCVI
+
+    torch.manual_seed(seed)
+    setup = {"batch_key": "batch", **variant.get("setup", {})}
+    for part in (adata, train, test):
+        AmbientRegularizedSCVI.setup_anndata(part, **setup)
+    model = AmbientRegularizedSCVI(train, **{**size, **variant.get("model", {})})
+    train_kwargs = {"enable_progress_bar": False, "split_seed": seed, **variant.get("train", {})}
+    if epochs:
+        train_kwargs["max_epochs"] = epochs
+    model.train(**train_kwargs)
+    latent = model.get_latent_representation(adata)
+    return latent, model.get_reconstruction_error(test)
+
+
+def _train_scvi(adata, train, test, size: dict, variant: dict, seed: int, epochs):
+    import scvi
+
+    scvi.settings.seed = seed
+    setup = {"batch_key": "batch", **variant.get("setup", {})}
+    for part in (adata, train, test):
+        scvi.model.SCVI.setup_anndata(part, **setup)
+    model = scvi.model.SCVI(train, **{**size, **variant.get("model", {})})
+    train_kwargs = {"enable_progress_bar": False, **variant.get("train", {})}
+    if epochs:
+        train_kwargs["max_epochs"] = epochs
+    model.train(**train_kwargs)
+    latent = model.get_latent_representation(adata)
+    nll = float(model.get_reconstruction_error(test)["reconstruction_loss"])
+    return latent, nll
+
+
+def _worker(spec: dict, out: str) -> None:
+    import logging
+
+    os.environ.update(spec["variant"].get("env", {}))  # e.g. a switch read at import
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    adata = load_data(spec["data"])
+    test_mask = held_out_mask(adata.obs["batch"].to_numpy())
+    train, test = adata[~test_mask].copy(), adata[test_mask].copy()
+    fit = _train_regvi if spec["tool"] == "regvi" else _train_scvi
+    start = time.perf_counter()
+    latent, nll = fit(
+        adata, train, test, SIZES[spec["size"]], spec["variant"], spec["seed"], spec["epochs"]
+    )
+    np.save(out, np.asarray(latent, dtype=np.float32))
+    print(json.dumps({"heldout_nll": float(nll), "seconds": time.perf_counter() - start}))
+
+
+# ----------------------------------------------------------------------------- metrics
+def score(name: str, latent: np.ndarray) -> dict[str, float]:
+    """Integration metrics of one latent (see the module docstring)."""
+    from regvi.evaluate import load_markers, select_markers
+    from regvi.metrics import (
+        integration_metrics,
+        knn_graph,
+        log_normalise,
+        neighbourhood_correlation,
+    )
+
+    adata = _cached_data(name)
+    _, labels_key = DATASETS[name]
+    batch = adata.obs["batch"].to_numpy()
+    labels = adata.obs[labels_key].to_numpy() if labels_key else None
+    table = integration_metrics(latent, batch, labels)
+    values = dict(zip(table.metric, table.value, strict=True))
+    if labels_key is None:
+        lognorm = log_normalise(adata.X)
+        columns, _ = select_markers(adata.var_names, lognorm, load_markers())
+        expression = lognorm[:, columns]
+        graph = knn_graph(latent, 15)
+        per_cell = neighbourhood_correlation(
+            expression, graph.indices, adata.obs, library_key="batch"
+        )
+        values["nbr_corr_all"] = float(np.nanmedian(per_cell["corr_all"]))
+        values["nbr_corr_other_batch"] = float(np.nanmedian(per_cell["corr_other_library"]))
+    return values
+
+
+_DATA_CACHE: dict = {}
+
+
+def _cached_data(name: str):
+    if name not in _DATA_CACHE:
+        _DATA_CACHE[name] = load_data(name)
+    return _DATA_CACHE[name]
+
+
+def run_one(spec: dict, cache: Path) -> dict:
+    """Train (or read from the cache) one configuration and score its latent."""
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    latent_path = cache / f"{key}.npy"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec), str(latent_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(score(spec["data"], np.load(latent_path)))
+    result["spec"] = spec
+    path.write_text(json.dumps(result))
+    return result
+
+
+HEADLINE = [
+    "total_score",
+    "bio_score",
+    "batch_score",
+    "batch_entropy",
+    "ilisi",
+    "silhouette_batch",
+    "graph_connectivity",
+    "silhouette_label",
+    "nmi_kmeans",
+    "ari_kmeans",
+    "clisi",
+    "nbr_corr_all",
+    "nbr_corr_other_batch",
+    "heldout_nll",
+    "seconds",
+]
+
+
+def summarise(results: list[dict]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for metric in HEADLINE:
+        values = [r[metric] for r in results if metric in r]
+        if values:
+            out[metric] = (
+                float(np.mean(values)),
+                float(np.std(values, ddof=1) if len(values) > 1 else 0.0),
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=",".join(DATASETS), help="comma-separated names")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--tools", default="scvi,regvi")
+    parser.add_argument("--epochs", type=int, default=None, help="default: each tool's own")
+    parser.add_argument("--variant", action="append", default=[], help="name=JSON (regvi)")
+    parser.add_argument("--scvi-variant", action="append", default=[], help="name=JSON")
+    parser.add_argument("--no-defaults", action="store_true", help="only the --variant runs")
+    parser.add_argument("--cache", default="outputs/bench_integration")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(json.loads(args.worker[0]), args.worker[1])
+        return
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    configs: list[tuple[str, str, dict]] = []
+    for tool in args.tools.split(","):
+        if not args.no_defaults:
+            configs.append((tool, "default", {}))
+        extra = args.variant if tool == "regvi" else args.scvi_variant
+        for item in extra:
+            name, _, body = item.partition("=")
+            configs.append((tool, name, json.loads(body)))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for data in args.data.split(","):
+        for size in args.sizes.split(","):
+            print(f"\n== {data}, size {size}, seeds {seeds} ==", flush=True)
+            reference = None
+            for tool, name, variant in configs:
+                runs = [
+                    run_one(
+                        {
+                            "tool": tool,
+                            "data": data,
+                            "size": size,
+                            "variant": variant,
+                            "seed": seed,
+                            "epochs": args.epochs,
+                        },
+                        cache,
+                    )
+                    for seed in seeds
+                ]
+                summary = summarise(runs)
+                if tool == "scvi" and name == "default":
+                    reference = summary
+                cells = [
+                    f"{m} {mean:.3f}±{sd:.3f}"
+                    if m not in ("heldout_nll", "seconds")
+                    else f"{m} {mean:.1f}±{sd:.1f}"
+                    for m, (mean, sd) in summary.items()
+                ]
+                print(f"  {tool}:{name:<18} " + ", ".join(cells), flush=True)
+                if reference is not None and tool == "regvi":
+                    ratios = [
+                        f"{m} {summary[m][0] / reference[m][0]:.3f}"
+                        for m in (
+                            "total_score",
+                            "batch_score",
+                            "bio_score",
+                            "batch_entropy",
+                            "ilisi",
+                            "heldout_nll",
+                        )
+                        if m in summary and m in reference and reference[m][0]
+                    ]
+                    print(f"  {'':<24} ratio regvi/scvi: " + ", ".join(ratios), flush=True)
+
+
+if __name__ == "__main__":
+    main()
