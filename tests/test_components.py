@@ -286,7 +286,11 @@ def _reference_penalties(part):
         "decoder_l2": part.decoder_weight_l2
         * sum(
             w.pow(2).sum()
-            for w in [part.decoder.head.weight, *(x.weight for x in part.decoder.layers.linears)]
+            for w in [
+                part.decoder.head.weight,
+                *(x.weight for x in part.decoder.layers.linears),
+                *(x.weight for x in part.decoder.layers.injections if x.weight is not None),
+            ]
         ),
         "ambient_penalty": -gamma_log_prob(
             torch.exp(ambient.log_ambient), ambient.prior_alpha, ambient.prior_beta
@@ -312,6 +316,7 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
         regularise_ambient=True,
         ambient_prior_alpha=2.0,
         n_feature_scaling_categories=2,
+        n_nn_conditioning_categories=2,
         n_dispersion_groups=3,
         dispersion_hyper_prior_alpha=hyper_alpha,
     ).double()
@@ -347,3 +352,26 @@ def test_closed_form_penalties_without_autograd_give_the_same_values():
     tracked = module.rna.penalties()
     for name, value in values.items():
         torch.testing.assert_close(value, tracked[name].detach())
+
+
+def test_decoder_l2_covers_the_nn_conditioning_weights():
+    """The decoder's L2 penalises every weight of its layers, the injected covariate columns
+    too (the published code concatenates the one-hot to each layer's input, so its L2 covers
+    them): changing only those weights changes the penalty by exactly their squared norm."""
+    module = make_module(n_nn_conditioning_categories=3)
+    part = module.rna
+    injections = [inj.weight for inj in part.decoder.layers.injections]
+    assert all(w is not None for w in injections)
+    before = part.penalties()["decoder_l2"].item()
+    with torch.no_grad():
+        for w in injections:
+            w.add_(1.0)
+    after = part.penalties()["decoder_l2"].item()
+    assert after != pytest.approx(before)
+    with torch.no_grad():
+        extra = sum(w.pow(2).sum() - (w - 1.0).pow(2).sum() for w in injections)
+    assert after - before == pytest.approx(part.decoder_weight_l2 * extra.item(), rel=1e-5)
+    # and its gradient reaches them
+    grads = torch.autograd.grad(part.penalties()["decoder_l2"], injections)
+    for w, g in zip(injections, grads, strict=True):
+        torch.testing.assert_close(g, 2.0 * part.decoder_weight_l2 * w.detach())

@@ -78,7 +78,8 @@ class AmbientRegularizedSCVI(BaseModel):
         Learned library size: encoder width, prior variance scaling, residual on the observed
         library, and the Exp prior rate of the residual weight.
     decoder_weight_l2
-        L2 penalty on decoder weights (a global term, divided by N).
+        L2 penalty on decoder weights, covariate (nn_conditioning) columns included (a
+        global term, divided by N).
     """
 
     def __init__(self, adata: ad.AnnData, **kwargs: Any):
