@@ -69,7 +69,9 @@ class AmbientRegularizedSCVI(BaseModel):
     use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
         Additive ambient RNA per ambient category, and its optional Gamma prior.
     ambient_init_gene_fraction
-        Ambient initialised at this fraction of each category's mean normalised expression.
+        Ambient initialised at this fraction of each category's mean normalised expression
+        (divided by the number of ambient keys, so a cell's summed background starts at
+        this fraction).
     use_feature_scaling, feature_scaling_prior_alpha, feature_scaling_prior_beta
         Per-category multiplicative gene scaling and its Gamma prior.
     regularise_dispersion, dispersion_hyper_prior_mean, dispersion_hyper_prior_alpha

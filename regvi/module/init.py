@@ -124,8 +124,14 @@ def data_dependent_init(
     n_ambient_categories: int = 0,
     ambient_gene_fraction: float = 0.2,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decoder head bias and (if ``ambient_codes`` is given) log ambient, from one pass."""
+    """Decoder head bias and (if ``ambient_codes`` is given) log ambient, from one pass.
+
+    A cell's background is the sum of its ambient keys' profiles (one per key, see
+    :class:`~regvi.module.components.AmbientBackground`), so with ``k`` keys each profile
+    starts at ``ambient_gene_fraction / k`` of its category's mean: the per-cell sum is
+    then ``ambient_gene_fraction`` of the mean whatever ``k``."""
     use_ambient = ambient_codes is not None and n_ambient_categories > 0
+    n_keys = ambient_codes.shape[1] if use_ambient and ambient_codes.ndim == 2 else 1
     gene_sums, cat_sums, counts = normalised_sums(
         X,
         totals,
@@ -134,5 +140,9 @@ def data_dependent_init(
         n_ambient_categories,
     )
     bias = decoder_bias_init(gene_sums / max(X.shape[0], 1))
-    ambient = ambient_init(cat_sums, counts, ambient_gene_fraction) if use_ambient else None
+    ambient = (
+        ambient_init(cat_sums, counts, ambient_gene_fraction / max(n_keys, 1))
+        if use_ambient
+        else None
+    )
     return bias, ambient
