@@ -282,35 +282,46 @@ def kl_lognormal_exponential(
 
 
 def kl_log_theta_inverse_sqrt_exponential(
-    log_theta_mean: torch.Tensor, log_theta_log_sigma: torch.Tensor, rate: torch.Tensor
+    log_theta_mean: torch.Tensor,
+    log_theta_log_sigma: torch.Tensor,
+    rate: torch.Tensor,
+    jacobian: bool = True,
 ) -> torch.Tensor:
-    r"""KL of the dispersion posterior against the containment prior, per (group, feature).
+    r"""The dispersion posterior's penalty against the containment prior, per (group, feature).
 
     Variational posterior :math:`q(\log\theta) = \mathcal N(\mu, \sigma^2)`; prior on
-    :math:`u = \theta^{-1/2}`: :math:`u \sim \mathrm{Exp}(\lambda)`. We compute the proper KL
-    between the two distributions of :math:`u` (the change of variables
-    :math:`\log\theta = -2\log u` contributes :math:`\log|d\log\theta/du| = \log 2 - \log u`),
-    in closed form since :math:`E_q[\log u] = -\mu/2` and
-    :math:`E_q[u] = \exp(-\mu/2 + \sigma^2/8)`:
+    :math:`u = \theta^{-1/2}`: :math:`u \sim \mathrm{Exp}(\lambda)`. In closed form, since
+    :math:`E_q[\log u] = -\mu/2` and :math:`E_q[u] = E = \exp(-\mu/2 + \sigma^2/8)`:
 
     .. math::
-        \mathrm{KL} = -H[\mathcal N(\mu,\sigma^2)] + \log 2 + \mu/2 - \log\lambda
-                      + \lambda\,e^{-\mu/2 + \sigma^2/8}
+        P = -H[\mathcal N(\mu,\sigma^2)] - \log\lambda + \lambda E
+            \;\big[+ \log 2 + \mu/2\big]_{\text{jacobian}}
 
-    The published implementation drops the Jacobian term (a Monte-Carlo estimate of
-    :math:`-H - E_q\log p(u)` alone); with it the objective is a true KL, so the ELBO stays a
-    bound. Being closed form, it adds no Monte-Carlo noise to the gradient.
-    ``rate`` broadcasts against the (group, feature) tensors (shape ``(n_groups, 1)``).
+    * ``jacobian=True``: the proper KL between the two distributions of :math:`u` (the change
+      of variables :math:`\log\theta = -2\log u` contributes
+      :math:`\log|d\log\theta/du| = \log 2 - \log u`), so the ELBO stays a bound. The
+      implied prior density of :math:`\log\theta`, :math:`\lambda u e^{-\lambda u}/2`,
+      peaks at :math:`\theta = \lambda^2`; with :math:`\partial P/\partial\mu =
+      \tfrac12(1 - \lambda E)` the penalty pulls :math:`\theta` to
+      :math:`\lambda^2 e^{\sigma^2/4}` (≈ 9 at the default λ = 3) **from both sides**: a
+      weakly informed gene above it is pushed down, towards stronger over-dispersion.
+    * ``jacobian=False``: the published objective (REFERENCE 2.6), minus the entropy of the
+      Normal on :math:`\log\theta` minus :math:`E_q\log\mathrm{Exp}(\theta^{-1/2};\lambda)`
+      with no log-Jacobian (there a Monte-Carlo estimate, here exact). Its
+      :math:`\partial P/\partial\mu = -\tfrac12\lambda E < 0` **always pushes θ up,
+      towards Poisson**, ever more weakly as θ grows. The "prior" it implies on
+      :math:`\log\theta`, :math:`\lambda e^{-\lambda u}`, does not normalise (it tends to
+      λ as θ → ∞), so this is not a KL and the ELBO is not a bound.
+
+    Being closed form, either adds no Monte-Carlo noise to the gradient. ``rate`` broadcasts
+    against the (group, feature) tensors (shape ``(n_groups, 1)``).
     """
     sigma_sq = torch.exp(2.0 * log_theta_log_sigma)
     expected_u = torch.exp(-0.5 * log_theta_mean + sigma_sq / 8.0)
-    return (
-        -normal_entropy(log_theta_log_sigma)
-        + math.log(2.0)
-        + 0.5 * log_theta_mean
-        - torch.log(rate)
-        + rate * expected_u
-    )
+    value = -normal_entropy(log_theta_log_sigma) - torch.log(rate) + rate * expected_u
+    if jacobian:
+        value = value + math.log(2.0) + 0.5 * log_theta_mean
+    return value
 
 
 class _ClosedFormScalar(torch.autograd.Function):

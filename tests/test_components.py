@@ -266,7 +266,7 @@ def test_expected_counts_node_matches_the_formula_and_its_gradients(ambient_rows
     torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-10, atol=1e-12)
 
 
-def _reference_penalties(part):
+def _reference_penalties(part, jacobian=True):
     """Each global term written with the plain formulas of regvi.distributions, for autograd."""
     from regvi.distributions import (
         gamma_log_prob,
@@ -277,7 +277,7 @@ def _reference_penalties(part):
     d, lib, scaling, ambient = part.dispersion, part.library, part.feature_scaling, part.ambient
     rate = nn.functional.softplus(d.rate_raw)
     kl = kl_log_theta_inverse_sqrt_exponential(
-        d.log_theta_mean, d.log_theta_log_sigma, rate[:, None]
+        d.log_theta_mean, d.log_theta_log_sigma, rate[:, None], jacobian=jacobian
     )
     factors = nn.functional.softplus(scaling.raw) / FEATURE_SCALING_DIVISOR
     return {
@@ -301,8 +301,9 @@ def _reference_penalties(part):
     }
 
 
+@pytest.mark.parametrize("jacobian", [True, False])
 @pytest.mark.parametrize("hyper_alpha", [9.0, 2.5])
-def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alpha):
+def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alpha, jacobian):
     # hand-derived gradients (one autograd node a term) against autograd through the plain
     # formulas, in float64 at random parameter values away from the initialisation
     torch.manual_seed(3)
@@ -319,6 +320,7 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
         n_nn_conditioning_categories=2,
         n_dispersion_groups=3,
         dispersion_hyper_prior_alpha=hyper_alpha,
+        dispersion_prior_jacobian=jacobian,
     ).double()
     part = module.rna
     with torch.no_grad():
@@ -326,7 +328,7 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
             p.add_(0.3 * torch.randn_like(p))
     params = [p for p in part.parameters()]
     ours = part.penalties()
-    reference = _reference_penalties(part)
+    reference = _reference_penalties(part, jacobian)
     assert ours.keys() == reference.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-12, atol=1e-9)
@@ -339,7 +341,7 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
     # scaled like any other loss term (the node multiplies by the incoming gradient)
     total = 3.0 * part.penalties()["dispersion_penalty"]
     g = torch.autograd.grad(total, part.dispersion.rate_raw)[0]
-    reference = _reference_penalties(part)["dispersion_penalty"]
+    reference = _reference_penalties(part, jacobian)["dispersion_penalty"]
     want = 3.0 * torch.autograd.grad(reference, part.dispersion.rate_raw)[0]
     torch.testing.assert_close(g, want)
 
@@ -375,3 +377,27 @@ def test_decoder_l2_covers_the_nn_conditioning_weights():
     grads = torch.autograd.grad(part.penalties()["decoder_l2"], injections)
     for w, g in zip(injections, grads, strict=True):
         torch.testing.assert_close(g, 2.0 * part.decoder_weight_l2 * w.detach())
+
+
+@pytest.mark.parametrize("jacobian,expected", [(True, 0.35), (False, -0.15)])
+def test_dispersion_prior_direction_at_large_theta(jacobian, expected):
+    """d penalty / d log theta at theta = 100 (sigma 0.1, lambda 3): with the log-Jacobian
+    (a proper KL, whose prior on log theta peaks at lambda^2 e^{sigma^2/4} ~ 9) the penalty
+    pushes a weakly informed gene from theta = 100 down, towards over-dispersion; without it
+    (the published objective) up, towards Poisson."""
+    from regvi.module.components import HierarchicalDispersion
+
+    d = HierarchicalDispersion(1, 1, jacobian=jacobian).double()
+    with torch.no_grad():
+        d.log_theta_mean.fill_(np.log(100.0))
+        d.log_theta_log_sigma.fill_(np.log(0.1))
+    assert d.rate().item() == pytest.approx(3.0)
+    grad = torch.autograd.grad(d.penalty(), d.log_theta_mean)[0].item()
+    assert grad == pytest.approx(expected, abs=0.01)
+    # the sign holds away from the prior mode: with the Jacobian, theta is pulled to ~9
+    # from both sides; without it, pushed up everywhere
+    for theta in (2.0, 30.0, 1e4):
+        with torch.no_grad():
+            d.log_theta_mean.fill_(np.log(theta))
+        grad = torch.autograd.grad(d.penalty(), d.log_theta_mean)[0].item()
+        assert (grad > 0) == (jacobian and theta > 9.0), theta

@@ -83,6 +83,23 @@ def test_dispersion_kl_matches_monte_carlo_in_u_space(mu, sigma, rate):
     assert ours == pytest.approx(mc, abs=5e-3)
 
 
+@pytest.mark.parametrize("mu,sigma,rate", [(np.log(9.0), 0.1, 3.0), (0.5, 0.6, 1.2)])
+def test_dispersion_penalty_without_jacobian_is_the_published_objective(mu, sigma, rate):
+    # minus the entropy of N(mu, sigma^2) on log theta, minus E_q log Exp(theta^-1/2; rate),
+    # by Monte Carlo on log theta (REFERENCE 2.6: no log-Jacobian term)
+    log_theta = st.norm(mu, sigma).rvs(400_000, random_state=3)
+    mc = -st.norm(mu, sigma).entropy() - np.mean(
+        st.expon(scale=1 / rate).logpdf(np.exp(-0.5 * log_theta))
+    )
+    ours = D.kl_log_theta_inverse_sqrt_exponential(
+        torch.tensor(mu, dtype=torch.float64),
+        torch.tensor(np.log(sigma), dtype=torch.float64),
+        torch.tensor(rate, dtype=torch.float64),
+        jacobian=False,
+    ).item()
+    assert ours == pytest.approx(mc, abs=5e-3)
+
+
 def test_softplus_inverse_roundtrip():
     y = torch.tensor([1e-4, 0.01, 1.0, 5.0, 19.9, 25.0, 1e3], dtype=torch.float64)
     torch.testing.assert_close(torch.nn.functional.softplus(D.softplus_inverse(y)), y)

@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "regularise_dispersion": True,
     "dispersion_hyper_prior_mean": 1.0 / 3.0,
     "dispersion_hyper_prior_alpha": 9.0,
+    # True: the proper KL (log-Jacobian included; current behaviour); False: the published
+    # objective. To be settled by a benchmark.
+    "dispersion_prior_jacobian": True,
     "library_n_hidden": 16,
     "library_log_vars_weight": 0.5,
     "residual_library_encoder": True,
@@ -76,6 +79,11 @@ class AmbientRegularizedSCVI(BaseModel):
         Per-category multiplicative gene scaling and its Gamma prior.
     regularise_dispersion, dispersion_hyper_prior_mean, dispersion_hyper_prior_alpha
         Hierarchical dispersion prior (Exp on θ^-1/2, Gamma hyperprior).
+    dispersion_prior_jacobian
+        True (default): the dispersion penalty is the proper KL, with the log-Jacobian of
+        θ^-1/2; it pulls weakly informed θ towards λ²≈9 from both sides (near-Poisson genes
+        towards over-dispersion). False: the published objective without it, which pushes θ
+        up, towards Poisson (not a KL: the ELBO is then not a bound).
     library_n_hidden, library_log_vars_weight, residual_library_encoder, library_w_prior_rate
         Learned library size: encoder width, prior variance scaling, residual on the observed
         library, and the Exp prior rate of the residual weight.
@@ -201,6 +209,7 @@ class AmbientRegularizedSCVI(BaseModel):
             regularise_dispersion=p["regularise_dispersion"],
             dispersion_hyper_prior_mean=p["dispersion_hyper_prior_mean"],
             dispersion_hyper_prior_alpha=p["dispersion_hyper_prior_alpha"],
+            dispersion_prior_jacobian=p["dispersion_prior_jacobian"],
             library_n_hidden=p["library_n_hidden"],
             library_log_vars_weight=p["library_log_vars_weight"],
             residual_library_encoder=p["residual_library_encoder"],

@@ -220,9 +220,21 @@ class HierarchicalDispersion(nn.Module):
     r"""Per-(group, feature) inverse dispersion :math:`\theta` with a hierarchical prior.
 
     Variational posterior :math:`q(\log\theta_{d,g}) = \mathcal N(\mu_{d,g}, \sigma_{d,g}^2)`.
-    Prior :math:`\theta_{d,g}^{-1/2} \sim \mathrm{Exp}(\lambda_d)` (pushes towards Poisson),
-    hyperprior :math:`\lambda_d \sim \mathrm{Gamma}(\alpha, \beta)` with
+    Prior :math:`\theta_{d,g}^{-1/2} \sim \mathrm{Exp}(\lambda_d)`, hyperprior
+    :math:`\lambda_d \sim \mathrm{Gamma}(\alpha, \beta)` with
     :math:`\lambda_d = \mathrm{softplus}(r_d)` a point estimate.
+
+    Which way the prior pushes depends on ``jacobian`` (see
+    :func:`regvi.distributions.kl_log_theta_inverse_sqrt_exponential`):
+
+    * ``True`` (default): the proper KL, with the change-of-variables term. Its implied prior
+      on :math:`\log\theta` peaks at :math:`\theta = \lambda^2`, and it pulls a weakly
+      informed :math:`\theta` to :math:`\lambda^2 e^{\sigma^2/4}` (≈ 9) from both sides:
+      genes above it (near-Poisson ones) are pushed towards stronger over-dispersion
+      (:math:`\partial P/\partial\log\theta = +0.35` at θ = 100, σ = 0.1, λ = 3).
+    * ``False``: the published objective, without the log-Jacobian. It pushes θ up,
+      towards Poisson, everywhere (:math:`-0.15` at θ = 100), but is not a KL: the ELBO is
+      then not a bound.
 
     The hyperprior is set by its prior mean ``m`` of :math:`\theta^{-1/2}` and shape ``alpha``:
     :math:`\lambda_{init} = 1/m`, :math:`\beta = \alpha m` (defaults m=1/3, alpha=9:
@@ -242,6 +254,7 @@ class HierarchicalDispersion(nn.Module):
         hyper_prior_mean: float = 1.0 / 3.0,
         hyper_prior_alpha: float = 9.0,
         regularise: bool = True,
+        jacobian: bool = True,
     ):
         super().__init__()
         init_mean = -np.log(hyper_prior_mean**2)
@@ -259,6 +272,7 @@ class HierarchicalDispersion(nn.Module):
         self.hyper_alpha = float(hyper_prior_alpha)
         self.hyper_beta = float(hyper_prior_alpha * hyper_prior_mean)
         self.regularise = regularise
+        self.jacobian = bool(jacobian)
 
     def rate(self) -> torch.Tensor:
         return F.softplus(self.rate_raw)
@@ -274,26 +288,30 @@ class HierarchicalDispersion(nn.Module):
         return antithetic_normal_rows(self.log_theta_mean, sigma, group_codes)
 
     def penalty(self) -> torch.Tensor:
-        r"""KL of the θ posterior to the containment prior, plus :math:`-\log p(\lambda)`:
+        r"""The θ posterior's penalty against the containment prior, plus
+        :math:`-\log p(\lambda)`:
 
         .. math::
             P = \sum_{d,g}\mathrm{KL}_{d,g}
                 - \sum_d\log\mathrm{Gamma}(\lambda_d;\alpha,\beta),\qquad
-            \mathrm{KL}_{d,g} = -\log\sigma_{d,g} - \tfrac12\log(2\pi e) + \log 2
-                + \tfrac12\mu_{d,g} - \log\lambda_d + \lambda_d E_{d,g}
+            \mathrm{KL}_{d,g} = -\log\sigma_{d,g} - \tfrac12\log(2\pi e)
+                - \log\lambda_d + \lambda_d E_{d,g}
+                + J\big[\log 2 + \tfrac12\mu_{d,g}\big]
 
-        with :math:`E = e^{-\mu/2 + \sigma^2/8}` (see
+        with :math:`E = e^{-\mu/2 + \sigma^2/8}` and :math:`J = 1` with the log-Jacobian
+        (``jacobian=True``), 0 without (the published objective; see
         :func:`regvi.distributions.kl_log_theta_inverse_sqrt_exponential`). Its gradients, in
         closed form (see :func:`~regvi.distributions.closed_form_scalar`), for G features:
 
         .. math::
-            \frac{\partial P}{\partial\mu} = \tfrac12(1 - \lambda E),\qquad
+            \frac{\partial P}{\partial\mu} = \tfrac12(J - \lambda E),\qquad
             \frac{\partial P}{\partial\log\sigma} = \tfrac14\lambda E\sigma^2 - 1,\qquad
             \frac{\partial P}{\partial r_d} = \sigma(r_d)\Big[\sum_g E_{d,g}
                 - \frac{G + \alpha - 1}{\lambda_d} + \beta\Big]
 
         (:math:`\lambda = \mathrm{softplus}(r)`, whose derivative is the logistic
-        :math:`\sigma(r)`).
+        :math:`\sigma(r)`): with :math:`J = 1` the μ-gradient changes sign at
+        :math:`\lambda E = 1` (θ ≈ λ²), with :math:`J = 0` it is negative everywhere.
         """
         if not self.regularise:
             return self.log_theta_mean.new_zeros(())
@@ -309,7 +327,9 @@ class HierarchicalDispersion(nn.Module):
         with_grads: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         rate = F.softplus(rate_raw)
-        kl = kl_log_theta_inverse_sqrt_exponential(mean, log_sigma, rate[:, None]).sum()
+        kl = kl_log_theta_inverse_sqrt_exponential(
+            mean, log_sigma, rate[:, None], jacobian=self.jacobian
+        ).sum()
         value = kl - gamma_log_prob(rate, self.hyper_alpha, self.hyper_beta).sum()
         if not with_grads:
             return value, ()
@@ -317,7 +337,7 @@ class HierarchicalDispersion(nn.Module):
         # E is recomputed here for the gradients: a few passes over G x groups numbers
         sigma_sq = torch.exp(2.0 * log_sigma)
         rate_e = torch.add(sigma_sq, mean, alpha=-4.0).mul_(0.125).exp_().mul_(rate[:, None])
-        grad_mean = rate_e.mul(-0.5).add_(0.5)
+        grad_mean = rate_e.mul(-0.5).add_(0.5) if self.jacobian else rate_e.mul(-0.5)
         grad_log_sigma = sigma_sq.mul_(rate_e).mul_(0.25).sub_(1.0)
         sum_e = rate_e.sum(dim=1).div_(rate)
         grad_rate = sum_e.sub_((mean.shape[1] + self.hyper_alpha - 1.0) / rate).add_(
@@ -571,6 +591,7 @@ class CountModality(nn.Module):
         regularise_dispersion: bool = True,
         dispersion_hyper_prior_mean: float = 1.0 / 3.0,
         dispersion_hyper_prior_alpha: float = 9.0,
+        dispersion_prior_jacobian: bool = True,
         library_n_hidden: int = 16,
         library_log_vars_weight: float = 0.5,
         residual_library_encoder: bool = True,
@@ -615,6 +636,7 @@ class CountModality(nn.Module):
             dispersion_hyper_prior_mean,
             dispersion_hyper_prior_alpha,
             regularise_dispersion,
+            dispersion_prior_jacobian,
         )
         self.library = LearnedLibrarySize(
             encoder_input_dim,
