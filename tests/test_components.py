@@ -132,13 +132,11 @@ def test_single_category_tables_broadcast_like_a_per_cell_lookup():
     )
     dispersion.train()
     torch.manual_seed(0)
-    drawn = dispersion.log_theta(groups)
-    torch.manual_seed(0)
-    half = torch.randn(2, 5)
-    noise = torch.cat([half, -half])  # antithetic pairs of cells
-    expected = dispersion.log_theta_mean + torch.exp(dispersion.log_theta_log_sigma) * noise
+    drawn = dispersion.log_theta(groups).detach()
     assert drawn.shape == (4, 5)
-    torch.testing.assert_close(drawn, expected)
+    noise = (drawn - dispersion.log_theta_mean) / torch.exp(dispersion.log_theta_log_sigma)
+    partners = _partners(noise.detach())  # antithetic pairs of cells
+    assert all(len(p) == 1 for p in partners)
 
 
 def _assert_same_value_and_gradients(got, want, inputs):
@@ -151,20 +149,54 @@ def _assert_same_value_and_gradients(got, want, inputs):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def _partners(noise):
+    """For each row, the rows whose noise is its negation (to rounding)."""
+    return [
+        torch.isclose(noise, -row, rtol=1e-5, atol=1e-6).all(dim=1).nonzero().flatten().tolist()
+        for row in noise
+    ]
+
+
 def test_antithetic_noise_pairs_rows_and_is_standard_normal():
     from regvi.module.components import antithetic_normal_rows
 
     zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
     torch.manual_seed(0)
     odd = antithetic_normal_rows(zeros, ones, torch.zeros(5, dtype=torch.long))
-    torch.testing.assert_close(odd[3:], -odd[:2])  # the middle row of an odd count is unpaired
+    partners = _partners(odd)
+    assert sorted(len(p) for p in partners) == [0, 1, 1, 1, 1]  # two pairs, one unpaired
+    assert all(partners[p[0]] == [i] for i, p in enumerate(partners) if p)
     zeros, ones = torch.zeros(1, 500, dtype=torch.float64), torch.ones(1, 500, dtype=torch.float64)
     noise = antithetic_normal_rows(zeros, ones, torch.zeros(2000, dtype=torch.long))
     assert abs(noise.mean().item()) < 1e-12  # exact: the pairs cancel
     assert abs(noise.var().item() - 1.0) < 0.01
-    # each half is an independent standard normal sample
-    first = noise[:1000].flatten()
-    assert abs(first.mean().item()) < 0.01 and abs(first.std().item() - 1.0) < 0.01
+
+
+def test_antithetic_partners_are_random_cells_not_row_positions():
+    """Minibatch rows come sorted by cell index, so pairing by row position (first half
+    against second half) would always pair low-index with high-index cells: the partner
+    of a row must vary from draw to draw, and every row must still be N(m, s^2)."""
+    from regvi.module.components import antithetic_normal_rows
+
+    zeros, ones = torch.zeros(1, 4, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)
+    codes = torch.zeros(10, dtype=torch.long)
+    torch.manual_seed(0)
+    seen = {row: set() for row in (0, 4, 9)}
+    for _ in range(300):
+        partners = _partners(antithetic_normal_rows(zeros, ones, codes))
+        assert all(len(p) == 1 for p in partners)  # an even count: every row is paired
+        for row in seen:
+            seen[row].add(partners[row][0])
+    assert all(len(found) == 9 for found in seen.values())  # every other row, at some draw
+    # every row (first, middle, last) is N(m, s^2), with two groups of different m and s
+    mean = torch.tensor([[1.0], [-2.0]], dtype=torch.float64).expand(2, 20_000)
+    scale = torch.tensor([[0.5], [3.0]], dtype=torch.float64).expand(2, 20_000)
+    codes = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1])
+    drawn = antithetic_normal_rows(mean.contiguous(), scale.contiguous(), codes)
+    for row, code in enumerate(codes.tolist()):
+        standard = (drawn[row] - mean[code, 0]) / scale[code, 0]
+        assert abs(standard.mean().item()) < 0.03, row
+        assert abs(standard.std().item() - 1.0) < 0.03, row
 
 
 @pytest.mark.parametrize("n_codes", [1, 3])
@@ -180,9 +212,9 @@ def test_antithetic_rows_match_lookups_and_their_gradients(n_codes, n_cells):
     codes = torch.randint(0, n_codes, (n_cells,))
     torch.manual_seed(2)
     drawn = antithetic_normal_rows(mean, scale, codes)
-    torch.manual_seed(2)
-    half = torch.randn((n_cells + 1) // 2, 4, dtype=torch.float64)
-    noise = torch.cat([half, -half[: n_cells // 2]])
+    noise = ((drawn - mean[codes]) / scale[codes]).detach()  # the node's draws
+    partners = _partners(noise)
+    assert sorted(len(p) for p in partners) == [0] * (n_cells % 2) + [1] * (2 * (n_cells // 2))
     expected = mean[codes] + scale[codes] * noise
     _assert_same_value_and_gradients(drawn, expected, (mean, scale))
 
