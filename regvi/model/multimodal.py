@@ -261,6 +261,7 @@ class RegularizedMultimodalVI(BaseModel):
                 codes[f"{m}/ambient"][measured] if use_ambient else None,
                 n_ambient,
                 self.option("ambient_init_gene_fraction", m),
+                float(np.log(self.option("library_sensitivity", m))),
             )
             init[m] = {"prior": prior, "bias": bias, "ambient": ambient}
         return init
