@@ -86,7 +86,9 @@ class AmbientRegularizedSCVI(BaseModel):
         up, towards Poisson (not a KL: the ELBO is then not a bound).
     library_n_hidden, library_log_vars_weight, residual_library_encoder, library_w_prior_rate
         Learned library size: encoder width, prior variance scaling, residual on the observed
-        library, and the Exp prior rate of the residual weight.
+        library (a LogNormal weight with an Exp prior; without it, a learned point
+        coefficient on the observed log library), and the Exp prior rate of the residual
+        weight.
     decoder_weight_l2
         L2 penalty on decoder weights, covariate (nn_conditioning) columns included (a
         global term, divided by N).
