@@ -17,6 +17,7 @@ from regvi.data.io import count_matrix
 from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
+from regvi.module.base import monte_carlo
 from regvi.module.components import LibraryPrior
 from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
 from regvi.module.rna import RegularizedVAE
@@ -340,16 +341,22 @@ class AmbientRegularizedSCVI(BaseModel):
         adata: ad.AnnData | None = None,
         indices: np.ndarray | None = None,
         batch_size: int | None = None,
+        sample: bool = True,
     ) -> float:
-        """Mean per-cell negative log-likelihood of the counts (summed over genes) at the
-        posterior means of z and ℓ and the posterior-median θ: a held-out fit measure."""
+        """Mean per-cell negative log-likelihood of the counts (summed over genes): a held-out
+        fit measure. ``sample=True`` (default): a single-sample Monte-Carlo estimate of
+        :math:`E_q[-\\log p(x\\mid z,\\ell,\theta)]`, z, ℓ, w and θ drawn from their posteriors
+        as in the ELBO (scvi-tools' ``get_reconstruction_error`` samples z too), without
+        dropout; random from call to call. ``sample=False``: at the posterior means of z,
+        ℓ and w and the posterior-median θ (deterministic, and optimistic)."""
         total, n = 0.0, 0
-        for batch in self._iterate(adata, indices, batch_size, None, len(self.gene_names)):
-            inf = self.module.inference(batch)
-            gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
-            nll = self.module.rna.reconstruction_loss(batch["x"], gen["mu"], batch)
-            total += float(nll.sum())
-            n += nll.shape[0]
+        with monte_carlo(self.module, sample):
+            for batch in self._iterate(adata, indices, batch_size, None, len(self.gene_names)):
+                inf = self.module.inference(batch)
+                gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
+                nll = self.module.rna.reconstruction_loss(batch["x"], gen["mu"], batch)
+                total += float(nll.sum())
+                n += nll.shape[0]
         return total / max(n, 1)
 
     def get_ambient_profiles(self) -> pd.DataFrame:

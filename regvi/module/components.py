@@ -24,6 +24,7 @@ from regvi.distributions import (
     kl_lognormal_exponential,
     kl_normal_normal,
 )
+from regvi.module.base import Stochastic
 from regvi.nn import Decoder, Encoder
 
 #: softplus(0) / 0.7 is 0.990: feature scaling starts at (almost exactly) one.
@@ -233,7 +234,7 @@ class FeatureScaling(nn.Module):
         return value, (grad.mul_(torch.sigmoid(raw)).div_(FEATURE_SCALING_DIVISOR),)
 
 
-class HierarchicalDispersion(nn.Module):
+class HierarchicalDispersion(Stochastic):
     r"""Per-(group, feature) inverse dispersion :math:`\theta` with a hierarchical prior.
 
     Variational posterior :math:`q(\log\theta_{d,g}) = \mathcal N(\mu_{d,g}, \sigma_{d,g}^2)`.
@@ -261,7 +262,7 @@ class HierarchicalDispersion(nn.Module):
     Training draws :math:`\theta = \exp(\mu + \sigma\epsilon)` for every (cell, feature)
     (lower-variance, unbiased estimate of the expected log-likelihood), with antithetic
     pairs of randomly paired cells (see :func:`antithetic_normal_rows`); eval mode uses the
-    median :math:`\exp(\mu)`.
+    median :math:`\exp(\mu)`, unless sampling under :func:`~regvi.module.base.monte_carlo`.
     """
 
     def __init__(
@@ -296,9 +297,9 @@ class HierarchicalDispersion(nn.Module):
 
     def log_theta(self, group_codes: torch.Tensor) -> torch.Tensor:
         r""":math:`\log\theta` for each cell's group, ``(B, G)``: a draw
-        :math:`\mu + \sigma\epsilon` per (cell, feature) in training, the median :math:`\mu`
-        in eval."""
-        if not self.training:
+        :math:`\mu + \sigma\epsilon` per (cell, feature) when sampling (training, or
+        :func:`~regvi.module.base.monte_carlo`), the median :math:`\mu` otherwise."""
+        if not self.sampling:
             # a single group is broadcast (a view), not copied per cell
             return rows_by_code(self.log_theta_mean, group_codes)
         sigma = torch.exp(self.log_theta_log_sigma)
@@ -371,7 +372,7 @@ class LibraryPrior:
     log_vars: np.ndarray  # (n_groups,)
 
 
-class LearnedLibrarySize(nn.Module):
+class LearnedLibrarySize(Stochastic):
     r"""Learned log library size :math:`\ell_n` with a residual encoder and per-group prior.
 
     Prior: :math:`p(\ell_n) = \mathcal N(m_p - \bar m + \log s,\; w_v\,v_p)` for the cell's
@@ -386,7 +387,8 @@ class LearnedLibrarySize(nn.Module):
     :math:`q(\ell_n) = \mathcal N(\log s + w(o_n - \log s) + a_n, b_n)` where
     :math:`(a_n, b_n)` come from a small encoder (16 hidden units), whose mean head starts
     at zero weights (so :math:`a_n` starts at its bias, 0, or :math:`\log s` without the
-    residual). Eval uses the means.
+    residual). Outside training :math:`w` and :math:`\ell` are their posterior means, unless
+    sampled under :func:`~regvi.module.base.monte_carlo`.
 
     Without the residual (``residual=False``) the encoder gives :math:`\ell_n` alone, and
     sees depth through a linear term: :math:`q(\ell_n) = \mathcal N(a_n + c\,(\log\max(L_n,
@@ -451,12 +453,12 @@ class LearnedLibrarySize(nn.Module):
         centred = torch.log(torch.clamp(observed_library, min=1.0)) - self.global_log_mean
         if self.residual:
             w = torch.exp(self.w_mu)
-            if self.training:
+            if self.sampling:
                 w = torch.exp(self.w_mu + torch.exp(self.w_log_sigma) * torch.randn_like(self.w_mu))
             mean = self.log_sensitivity + w * centred + a
         else:
             mean = a + self.depth_weight * centred
-        library = mean + torch.sqrt(b) * torch.randn_like(mean) if self.training else mean
+        library = mean + torch.sqrt(b) * torch.randn_like(mean) if self.sampling else mean
         kl = kl_normal_normal(mean, b, self.prior_means[group_codes], self.prior_vars[group_codes])
         return {"mean": mean, "var": b, "library": library, "kl": kl}
 
