@@ -85,6 +85,7 @@ class ModelConfig:
     regularise_dispersion: bool = True
     dispersion_hyper_prior_mean: float = 0.3333333333333333
     dispersion_hyper_prior_alpha: float = 9.0
+    dispersion_prior_jacobian: bool = True
     library_n_hidden: int = 16
     library_log_vars_weight: float = 0.5
     residual_library_encoder: bool = True

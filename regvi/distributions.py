@@ -103,10 +103,22 @@ class _SparseGammaPoisson(torch.autograd.Function):
         \frac{\partial\log p}{\partial\log\theta} = \theta(D + 1 - r)
             + [x>0]\,\theta\Big(\psi(x+\theta) - \psi(\theta) - \frac{x}{\theta+\mu}\Big),
 
-    the digamma difference by :func:`digamma_increment`.
+    the digamma difference by :func:`digamma_increment`. The dense part of the second is
+    computed as :math:`\theta(D + 1 - r) = -(\theta E - (\mu+\epsilon)r)`: written
+    :math:`\theta(E + r - 1)`, it multiplies a difference of numbers near 1 (:math:`r` and
+    1, when :math:`\mu \ll \theta`) by θ, and the float32 rounding of :math:`r`,
+    :math:`\approx 6\cdot10^{-8}`, became an error of :math:`6\cdot10^{-8}\theta` per
+    entry, larger than the gradient itself from θ ≈ 10^4 on (the gradient of a
+    near-Poisson entry is :math:`O(\mu^2/\theta)`); the two products are each
+    :math:`\approx\mu`, so the error is now :math:`\approx 10^{-7}\mu` whatever θ (the
+    stored entries' part has :math:`\approx 3\cdot10^{-7}x`, from
+    :func:`digamma_increment`'s relative accuracy). μ is kept for it; in float32 it is the
+    tensor the node that made it (:func:`~regvi.module.components.expected_counts`) keeps
+    anyway. The value's log-Gamma difference is :func:`stored_gamma_poisson_terms`, accurate
+    in float32 at any θ, and the per-cell totals are summed in float64.
 
-    The forward pass keeps two cells x features buffers (θ and :math:`E = -D =
-    \log(1 + \mu/\theta)`) and the backward writes the
+    The forward pass keeps two cells x features buffers of its own (θ and :math:`E = -D =
+    \log(1 + \mu/\theta)`; μ is its input's) and the backward writes the
     dense gradients in place and adds the stored entries' terms into them with one scatter,
     where composing the elementwise ops autograd-style makes about twenty such buffers.
     Computed in float32 at least (under autocast too); gradients come back in the inputs'
@@ -136,30 +148,31 @@ class _SparseGammaPoisson(torch.autograd.Function):
         dense = torch.linalg.vecdot(theta, log_ratio).neg_()
         # stored entries
         mu_x = mu.reshape(-1).index_select(0, flat_index)
-        log_theta_x = log_theta.reshape(-1).index_select(0, flat_index)
-        theta_x = exp(log_theta_x)
-        log_theta_mu_x = log_theta_x.add_(log_ratio.reshape(-1).index_select(0, flat_index))
-        stored = (
-            x * (torch.log(mu_x + eps) - log_theta_mu_x)
-            + torch.lgamma(x + theta_x)
-            - torch.lgamma(theta_x)
-        )
+        theta_x = exp(log_theta.reshape(-1).index_select(0, flat_index))
+        stored = stored_gamma_poisson_terms(x, mu_x, theta_x, eps)
         if row_log_factorials is None:
             stored -= torch.lgamma(x + 1.0)
-        ctx.save_for_backward(theta, log_ratio, x, mu_x, theta_x, flat_index, offsets)
+        ctx.save_for_backward(theta, log_ratio, mu, x, mu_x, theta_x, flat_index, offsets)
         ctx.eps = eps
-        out = dense.add_(torch.segment_reduce(stored, "sum", offsets=offsets))
-        return out if row_log_factorials is None else out.sub_(row_log_factorials.to(dtype))
+        # per-cell totals in float64: with the data constant apart, the stored entries' sum
+        # is of the size of the constant (thousands of nats) and they cancel
+        out = torch.segment_reduce(stored.double(), "sum", offsets=offsets).add_(dense)
+        if row_log_factorials is not None:
+            out.sub_(row_log_factorials.double())
+        return out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        theta, log_ratio, x, mu_x, theta_x, flat_index, offsets = ctx.saved_tensors
+        theta, log_ratio, mu, x, mu_x, theta_x, flat_index, offsets = ctx.saved_tensors
         eps = ctx.eps
         grad = grad.to(theta.dtype)
         minus_g = grad.neg()[:, None]
         r = exp(log_ratio, -1.0)  # θ / (θ + μ + ε) = e^D
-        # θ (D + 1 - r) g = θ (E + r - 1) (-g)
-        grad_log_theta = torch.add(log_ratio, r).sub_(1.0).mul_(theta).mul_(minus_g)
+        # θ (D + 1 - r) g = (θ E - (μ + ε) r) (-g)
+        grad_log_theta = torch.mul(theta, log_ratio).addcmul_(mu, r, value=-1.0)
+        if eps:
+            grad_log_theta.sub_(r, alpha=eps)
+        grad_log_theta.mul_(minus_g)
         grad_mu = r.mul_(minus_g)
         # stored entries, each cell's gradient repeated over its entries
         g_x = torch.repeat_interleave(grad, torch.diff(offsets), output_size=x.shape[0])
@@ -178,6 +191,62 @@ class _SparseGammaPoisson(torch.autograd.Function):
             None,
             None,
         )
+
+
+#: :func:`stored_gamma_poisson_terms` shifts θ up by this much before Stirling's series
+_LGAMMA_SHIFT = 4.0
+
+
+def stored_gamma_poisson_terms(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    r"""The terms of a stored (non-zero) count in :func:`gamma_poisson_log_prob_sparse`,
+    :math:`x(\log(\mu+\epsilon) - \log(\theta+\mu+\epsilon)) + \log\Gamma(x+\theta)
+    - \log\Gamma(\theta)`, accurate in float32 for every :math:`\theta > 0`.
+
+    Two float32 ``lgamma`` calls cancel catastrophically at large θ: both are
+    :math:`\approx\theta\log\theta` (:math:`1.4\cdot10^7` at :math:`\theta = 10^6`, one
+    ulp 1), so the per-cell likelihood of near-Poisson genes was off by 1-90 nats at
+    :math:`\theta = 10^4`-:math:`10^6` (300 genes). Written as differences instead, with
+    :math:`a = \theta + 4`, :math:`b = a + x`, the recurrence
+    :math:`\log\Gamma(y) = \log\Gamma(y+4) - \sum_{i<4}\log(y+i)` and Stirling's series
+    from :math:`a, b \ge 4`:
+
+    .. math::
+        \log\Gamma(\theta+x) - \log\Gamma(\theta) = (a - \tfrac12)\log\Big(1 + \frac xa\Big)
+            + x(\log b - 1) + S(b) - S(a)
+            - \log\prod_{i=0}^{3}\Big(1 + \frac{x}{\theta+i}\Big),\qquad
+        S(y) = \frac1{12y} - \frac1{360y^3} + \frac1{1260y^5} - \frac1{1680y^7}
+
+    (truncation error below :math:`10^{-8}`); the :math:`x\log b` term is merged with the
+    likelihood's :math:`-x\log(\theta+\mu+\epsilon)` into the log of a ratio, so no term
+    is of the size :math:`x\log\theta`. The product, :math:`\prod(1+q_i) - 1` built up
+    from :math:`q_i = x/(\theta+i)` without ever adding a small number to 1, goes to one
+    ``log1p``. About as fast as the two ``lgamma`` calls it replaces on CPU.
+    """
+    a = theta + _LGAMMA_SHIFT
+    inv_a = a.reciprocal()
+    b = a + x
+    inv_b = b.reciprocal()
+    # x (log(μ+ε) - 1 + log(b / (θ+μ+ε))): the ratio keeps its relative precision
+    out = torch.add(theta, mu).add_(eps)
+    out = torch.div(b, out).log_().add_(torch.add(mu, eps).log_()).sub_(1.0).mul_(x)
+    out.addcmul_(a.sub_(0.5), torch.mul(x, inv_a).log1p_())
+    out.add_(_stirling_tail(inv_b)).sub_(_stirling_tail(inv_a))
+    # prod_i (1 + q_i) - 1, in pairs: (1 + p)(1 + q) - 1 = p + q + pq
+    q0, q1 = x / theta, x / (theta + 1.0)
+    first = torch.addcmul(q0 + q1, q0, q1)
+    q2, q3 = x / (theta + 2.0), x / (theta + 3.0)
+    second = torch.addcmul(q2 + q3, q2, q3)
+    product = torch.addcmul(first.add(second), first, second)
+    return out.sub_(product.log1p_())
+
+
+def _stirling_tail(inv: torch.Tensor) -> torch.Tensor:
+    """:math:`S(y)` of :func:`stored_gamma_poisson_terms` from :math:`1/y` (Horner)."""
+    inv_sq = inv * inv
+    poly = torch.mul(inv_sq, -1.0 / 1680.0).add_(1.0 / 1260.0).mul_(inv_sq)
+    return poly.sub_(1.0 / 360.0).mul_(inv_sq).add_(1.0 / 12.0).mul_(inv)
 
 
 def digamma_increment(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -282,35 +351,46 @@ def kl_lognormal_exponential(
 
 
 def kl_log_theta_inverse_sqrt_exponential(
-    log_theta_mean: torch.Tensor, log_theta_log_sigma: torch.Tensor, rate: torch.Tensor
+    log_theta_mean: torch.Tensor,
+    log_theta_log_sigma: torch.Tensor,
+    rate: torch.Tensor,
+    jacobian: bool = True,
 ) -> torch.Tensor:
-    r"""KL of the dispersion posterior against the containment prior, per (group, feature).
+    r"""The dispersion posterior's penalty against the containment prior, per (group, feature).
 
     Variational posterior :math:`q(\log\theta) = \mathcal N(\mu, \sigma^2)`; prior on
-    :math:`u = \theta^{-1/2}`: :math:`u \sim \mathrm{Exp}(\lambda)`. We compute the proper KL
-    between the two distributions of :math:`u` (the change of variables
-    :math:`\log\theta = -2\log u` contributes :math:`\log|d\log\theta/du| = \log 2 - \log u`),
-    in closed form since :math:`E_q[\log u] = -\mu/2` and
-    :math:`E_q[u] = \exp(-\mu/2 + \sigma^2/8)`:
+    :math:`u = \theta^{-1/2}`: :math:`u \sim \mathrm{Exp}(\lambda)`. In closed form, since
+    :math:`E_q[\log u] = -\mu/2` and :math:`E_q[u] = E = \exp(-\mu/2 + \sigma^2/8)`:
 
     .. math::
-        \mathrm{KL} = -H[\mathcal N(\mu,\sigma^2)] + \log 2 + \mu/2 - \log\lambda
-                      + \lambda\,e^{-\mu/2 + \sigma^2/8}
+        P = -H[\mathcal N(\mu,\sigma^2)] - \log\lambda + \lambda E
+            \;\big[+ \log 2 + \mu/2\big]_{\text{jacobian}}
 
-    The published implementation drops the Jacobian term (a Monte-Carlo estimate of
-    :math:`-H - E_q\log p(u)` alone); with it the objective is a true KL, so the ELBO stays a
-    bound. Being closed form, it adds no Monte-Carlo noise to the gradient.
-    ``rate`` broadcasts against the (group, feature) tensors (shape ``(n_groups, 1)``).
+    * ``jacobian=True``: the proper KL between the two distributions of :math:`u` (the change
+      of variables :math:`\log\theta = -2\log u` contributes
+      :math:`\log|d\log\theta/du| = \log 2 - \log u`), so the ELBO stays a bound. The
+      implied prior density of :math:`\log\theta`, :math:`\lambda u e^{-\lambda u}/2`,
+      peaks at :math:`\theta = \lambda^2`; with :math:`\partial P/\partial\mu =
+      \tfrac12(1 - \lambda E)` the penalty pulls :math:`\theta` to
+      :math:`\lambda^2 e^{\sigma^2/4}` (≈ 9 at the default λ = 3) **from both sides**: a
+      weakly informed gene above it is pushed down, towards stronger over-dispersion.
+    * ``jacobian=False``: the published objective (REFERENCE 2.6), minus the entropy of the
+      Normal on :math:`\log\theta` minus :math:`E_q\log\mathrm{Exp}(\theta^{-1/2};\lambda)`
+      with no log-Jacobian (there a Monte-Carlo estimate, here exact). Its
+      :math:`\partial P/\partial\mu = -\tfrac12\lambda E < 0` **always pushes θ up,
+      towards Poisson**, ever more weakly as θ grows. The "prior" it implies on
+      :math:`\log\theta`, :math:`\lambda e^{-\lambda u}`, does not normalise (it tends to
+      λ as θ → ∞), so this is not a KL and the ELBO is not a bound.
+
+    Being closed form, either adds no Monte-Carlo noise to the gradient. ``rate`` broadcasts
+    against the (group, feature) tensors (shape ``(n_groups, 1)``).
     """
     sigma_sq = torch.exp(2.0 * log_theta_log_sigma)
     expected_u = torch.exp(-0.5 * log_theta_mean + sigma_sq / 8.0)
-    return (
-        -normal_entropy(log_theta_log_sigma)
-        + math.log(2.0)
-        + 0.5 * log_theta_mean
-        - torch.log(rate)
-        + rate * expected_u
-    )
+    value = -normal_entropy(log_theta_log_sigma) - torch.log(rate) + rate * expected_u
+    if jacobian:
+        value = value + math.log(2.0) + 0.5 * log_theta_mean
+    return value
 
 
 class _ClosedFormScalar(torch.autograd.Function):
@@ -358,6 +438,7 @@ def softplus_inverse(y: torch.Tensor, threshold: float = 20.0) -> torch.Tensor:
 __all__ = [
     "gamma_poisson_log_prob",
     "gamma_poisson_log_prob_sparse",
+    "stored_gamma_poisson_terms",
     "digamma_increment",
     "gamma_log_prob",
     "exponential_log_prob",

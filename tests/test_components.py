@@ -132,13 +132,11 @@ def test_single_category_tables_broadcast_like_a_per_cell_lookup():
     )
     dispersion.train()
     torch.manual_seed(0)
-    drawn = dispersion.log_theta(groups)
-    torch.manual_seed(0)
-    half = torch.randn(2, 5)
-    noise = torch.cat([half, -half])  # antithetic pairs of cells
-    expected = dispersion.log_theta_mean + torch.exp(dispersion.log_theta_log_sigma) * noise
+    drawn = dispersion.log_theta(groups).detach()
     assert drawn.shape == (4, 5)
-    torch.testing.assert_close(drawn, expected)
+    noise = (drawn - dispersion.log_theta_mean) / torch.exp(dispersion.log_theta_log_sigma)
+    partners = _partners(noise.detach())  # antithetic pairs of cells
+    assert all(len(p) == 1 for p in partners)
 
 
 def _assert_same_value_and_gradients(got, want, inputs):
@@ -151,20 +149,54 @@ def _assert_same_value_and_gradients(got, want, inputs):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def _partners(noise):
+    """For each row, the rows whose noise is its negation (to rounding)."""
+    return [
+        torch.isclose(noise, -row, rtol=1e-5, atol=1e-6).all(dim=1).nonzero().flatten().tolist()
+        for row in noise
+    ]
+
+
 def test_antithetic_noise_pairs_rows_and_is_standard_normal():
     from regvi.module.components import antithetic_normal_rows
 
     zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
     torch.manual_seed(0)
     odd = antithetic_normal_rows(zeros, ones, torch.zeros(5, dtype=torch.long))
-    torch.testing.assert_close(odd[3:], -odd[:2])  # the middle row of an odd count is unpaired
+    partners = _partners(odd)
+    assert sorted(len(p) for p in partners) == [0, 1, 1, 1, 1]  # two pairs, one unpaired
+    assert all(partners[p[0]] == [i] for i, p in enumerate(partners) if p)
     zeros, ones = torch.zeros(1, 500, dtype=torch.float64), torch.ones(1, 500, dtype=torch.float64)
     noise = antithetic_normal_rows(zeros, ones, torch.zeros(2000, dtype=torch.long))
     assert abs(noise.mean().item()) < 1e-12  # exact: the pairs cancel
     assert abs(noise.var().item() - 1.0) < 0.01
-    # each half is an independent standard normal sample
-    first = noise[:1000].flatten()
-    assert abs(first.mean().item()) < 0.01 and abs(first.std().item() - 1.0) < 0.01
+
+
+def test_antithetic_partners_are_random_cells_not_row_positions():
+    """Minibatch rows come sorted by cell index, so pairing by row position (first half
+    against second half) would always pair low-index with high-index cells: the partner
+    of a row must vary from draw to draw, and every row must still be N(m, s^2)."""
+    from regvi.module.components import antithetic_normal_rows
+
+    zeros, ones = torch.zeros(1, 4, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)
+    codes = torch.zeros(10, dtype=torch.long)
+    torch.manual_seed(0)
+    seen = {row: set() for row in (0, 4, 9)}
+    for _ in range(300):
+        partners = _partners(antithetic_normal_rows(zeros, ones, codes))
+        assert all(len(p) == 1 for p in partners)  # an even count: every row is paired
+        for row in seen:
+            seen[row].add(partners[row][0])
+    assert all(len(found) == 9 for found in seen.values())  # every other row, at some draw
+    # every row (first, middle, last) is N(m, s^2), with two groups of different m and s
+    mean = torch.tensor([[1.0], [-2.0]], dtype=torch.float64).expand(2, 20_000)
+    scale = torch.tensor([[0.5], [3.0]], dtype=torch.float64).expand(2, 20_000)
+    codes = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1])
+    drawn = antithetic_normal_rows(mean.contiguous(), scale.contiguous(), codes)
+    for row, code in enumerate(codes.tolist()):
+        standard = (drawn[row] - mean[code, 0]) / scale[code, 0]
+        assert abs(standard.mean().item()) < 0.03, row
+        assert abs(standard.std().item() - 1.0) < 0.03, row
 
 
 @pytest.mark.parametrize("n_codes", [1, 3])
@@ -180,9 +212,9 @@ def test_antithetic_rows_match_lookups_and_their_gradients(n_codes, n_cells):
     codes = torch.randint(0, n_codes, (n_cells,))
     torch.manual_seed(2)
     drawn = antithetic_normal_rows(mean, scale, codes)
-    torch.manual_seed(2)
-    half = torch.randn((n_cells + 1) // 2, 4, dtype=torch.float64)
-    noise = torch.cat([half, -half[: n_cells // 2]])
+    noise = ((drawn - mean[codes]) / scale[codes]).detach()  # the node's draws
+    partners = _partners(noise)
+    assert sorted(len(p) for p in partners) == [0] * (n_cells % 2) + [1] * (2 * (n_cells // 2))
     expected = mean[codes] + scale[codes] * noise
     _assert_same_value_and_gradients(drawn, expected, (mean, scale))
 
@@ -266,7 +298,7 @@ def test_expected_counts_node_matches_the_formula_and_its_gradients(ambient_rows
     torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-10, atol=1e-12)
 
 
-def _reference_penalties(part):
+def _reference_penalties(part, jacobian=True):
     """Each global term written with the plain formulas of regvi.distributions, for autograd."""
     from regvi.distributions import (
         gamma_log_prob,
@@ -277,7 +309,7 @@ def _reference_penalties(part):
     d, lib, scaling, ambient = part.dispersion, part.library, part.feature_scaling, part.ambient
     rate = nn.functional.softplus(d.rate_raw)
     kl = kl_log_theta_inverse_sqrt_exponential(
-        d.log_theta_mean, d.log_theta_log_sigma, rate[:, None]
+        d.log_theta_mean, d.log_theta_log_sigma, rate[:, None], jacobian=jacobian
     )
     factors = nn.functional.softplus(scaling.raw) / FEATURE_SCALING_DIVISOR
     return {
@@ -286,7 +318,11 @@ def _reference_penalties(part):
         "decoder_l2": part.decoder_weight_l2
         * sum(
             w.pow(2).sum()
-            for w in [part.decoder.head.weight, *(x.weight for x in part.decoder.layers.linears)]
+            for w in [
+                part.decoder.head.weight,
+                *(x.weight for x in part.decoder.layers.linears),
+                *(x.weight for x in part.decoder.layers.injections if x.weight is not None),
+            ]
         ),
         "ambient_penalty": -gamma_log_prob(
             torch.exp(ambient.log_ambient), ambient.prior_alpha, ambient.prior_beta
@@ -297,8 +333,9 @@ def _reference_penalties(part):
     }
 
 
+@pytest.mark.parametrize("jacobian", [True, False])
 @pytest.mark.parametrize("hyper_alpha", [9.0, 2.5])
-def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alpha):
+def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alpha, jacobian):
     # hand-derived gradients (one autograd node a term) against autograd through the plain
     # formulas, in float64 at random parameter values away from the initialisation
     torch.manual_seed(3)
@@ -312,8 +349,10 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
         regularise_ambient=True,
         ambient_prior_alpha=2.0,
         n_feature_scaling_categories=2,
+        n_nn_conditioning_categories=2,
         n_dispersion_groups=3,
         dispersion_hyper_prior_alpha=hyper_alpha,
+        dispersion_prior_jacobian=jacobian,
     ).double()
     part = module.rna
     with torch.no_grad():
@@ -321,7 +360,7 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
             p.add_(0.3 * torch.randn_like(p))
     params = [p for p in part.parameters()]
     ours = part.penalties()
-    reference = _reference_penalties(part)
+    reference = _reference_penalties(part, jacobian)
     assert ours.keys() == reference.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-12, atol=1e-9)
@@ -334,7 +373,7 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
     # scaled like any other loss term (the node multiplies by the incoming gradient)
     total = 3.0 * part.penalties()["dispersion_penalty"]
     g = torch.autograd.grad(total, part.dispersion.rate_raw)[0]
-    reference = _reference_penalties(part)["dispersion_penalty"]
+    reference = _reference_penalties(part, jacobian)["dispersion_penalty"]
     want = 3.0 * torch.autograd.grad(reference, part.dispersion.rate_raw)[0]
     torch.testing.assert_close(g, want)
 
@@ -347,3 +386,50 @@ def test_closed_form_penalties_without_autograd_give_the_same_values():
     tracked = module.rna.penalties()
     for name, value in values.items():
         torch.testing.assert_close(value, tracked[name].detach())
+
+
+def test_decoder_l2_covers_the_nn_conditioning_weights():
+    """The decoder's L2 penalises every weight of its layers, the injected covariate columns
+    too (the published code concatenates the one-hot to each layer's input, so its L2 covers
+    them): changing only those weights changes the penalty by exactly their squared norm."""
+    module = make_module(n_nn_conditioning_categories=3)
+    part = module.rna
+    injections = [inj.weight for inj in part.decoder.layers.injections]
+    assert all(w is not None for w in injections)
+    before = part.penalties()["decoder_l2"].item()
+    with torch.no_grad():
+        for w in injections:
+            w.add_(1.0)
+    after = part.penalties()["decoder_l2"].item()
+    assert after != pytest.approx(before)
+    with torch.no_grad():
+        extra = sum(w.pow(2).sum() - (w - 1.0).pow(2).sum() for w in injections)
+    assert after - before == pytest.approx(part.decoder_weight_l2 * extra.item(), rel=1e-5)
+    # and its gradient reaches them
+    grads = torch.autograd.grad(part.penalties()["decoder_l2"], injections)
+    for w, g in zip(injections, grads, strict=True):
+        torch.testing.assert_close(g, 2.0 * part.decoder_weight_l2 * w.detach())
+
+
+@pytest.mark.parametrize("jacobian,expected", [(True, 0.35), (False, -0.15)])
+def test_dispersion_prior_direction_at_large_theta(jacobian, expected):
+    """d penalty / d log theta at theta = 100 (sigma 0.1, lambda 3): with the log-Jacobian
+    (a proper KL, whose prior on log theta peaks at lambda^2 e^{sigma^2/4} ~ 9) the penalty
+    pushes a weakly informed gene from theta = 100 down, towards over-dispersion; without it
+    (the published objective) up, towards Poisson."""
+    from regvi.module.components import HierarchicalDispersion
+
+    d = HierarchicalDispersion(1, 1, jacobian=jacobian).double()
+    with torch.no_grad():
+        d.log_theta_mean.fill_(np.log(100.0))
+        d.log_theta_log_sigma.fill_(np.log(0.1))
+    assert d.rate().item() == pytest.approx(3.0)
+    grad = torch.autograd.grad(d.penalty(), d.log_theta_mean)[0].item()
+    assert grad == pytest.approx(expected, abs=0.01)
+    # the sign holds away from the prior mode: with the Jacobian, theta is pulled to ~9
+    # from both sides; without it, pushed up everywhere
+    for theta in (2.0, 30.0, 1e4):
+        with torch.no_grad():
+            d.log_theta_mean.fill_(np.log(theta))
+        grad = torch.autograd.grad(d.penalty(), d.log_theta_mean)[0].item()
+        assert (grad > 0) == (jacobian and theta > 9.0), theta

@@ -83,6 +83,23 @@ def test_dispersion_kl_matches_monte_carlo_in_u_space(mu, sigma, rate):
     assert ours == pytest.approx(mc, abs=5e-3)
 
 
+@pytest.mark.parametrize("mu,sigma,rate", [(np.log(9.0), 0.1, 3.0), (0.5, 0.6, 1.2)])
+def test_dispersion_penalty_without_jacobian_is_the_published_objective(mu, sigma, rate):
+    # minus the entropy of N(mu, sigma^2) on log theta, minus E_q log Exp(theta^-1/2; rate),
+    # by Monte Carlo on log theta (REFERENCE 2.6: no log-Jacobian term)
+    log_theta = st.norm(mu, sigma).rvs(400_000, random_state=3)
+    mc = -st.norm(mu, sigma).entropy() - np.mean(
+        st.expon(scale=1 / rate).logpdf(np.exp(-0.5 * log_theta))
+    )
+    ours = D.kl_log_theta_inverse_sqrt_exponential(
+        torch.tensor(mu, dtype=torch.float64),
+        torch.tensor(np.log(sigma), dtype=torch.float64),
+        torch.tensor(rate, dtype=torch.float64),
+        jacobian=False,
+    ).item()
+    assert ours == pytest.approx(mc, abs=5e-3)
+
+
 def test_softplus_inverse_roundtrip():
     y = torch.tensor([1e-4, 0.01, 1.0, 5.0, 19.9, 25.0, 1e3], dtype=torch.float64)
     torch.testing.assert_close(torch.nn.functional.softplus(D.softplus_inverse(y)), y)
@@ -101,3 +118,29 @@ def test_digamma_increment_matches_scipy_and_stays_accurate_in_float32():
     np.testing.assert_allclose(got32.double().numpy(), expected, rtol=2e-6)
     # x = 1 is exactly 1/theta
     np.testing.assert_allclose(got64[:400], 1.0 / theta[:400], rtol=1e-9)
+
+
+def test_stored_gamma_poisson_terms_are_accurate_in_float32_for_every_theta():
+    """x(log μ - log(θ+μ)) + lgamma(x+θ) - lgamma(θ) against float64 scipy over θ from 1e-3
+    to 1e7, counts 1 to 1e5 and means 1e-3 to 1e5, to float32 rounding of the numbers
+    involved (two float32 lgammas are off by up to 0.1 of them, e.g. 12.5 nats for one
+    entry at θ = 1e7, x = 30)."""
+    from scipy.special import gammaln
+
+    theta, x, mu = (
+        a.ravel()
+        for a in np.meshgrid(
+            [1e-3, 0.1, 1.0, 5.0, 100.0, 1e4, 1e7],
+            [1.0, 2.0, 5.0, 30.0, 1e3, 1e5],
+            [1e-3, 1.0, 100.0, 1e5],
+            indexing="ij",
+        )
+    )
+    exact = x * (np.log(mu + 1e-8) - np.log(theta + mu + 1e-8)) + gammaln(x + theta)
+    exact -= gammaln(theta)
+    scale = x * np.abs(np.log(mu + 1e-8)).clip(1.0) + gammaln(x + 1.0) + 1.0
+    args = (torch.tensor(x), torch.tensor(mu), torch.tensor(theta))
+    got = D.stored_gamma_poisson_terms(*(a.float() for a in args)).double().numpy()
+    assert (np.abs(got - exact) / scale).max() < 1e-6
+    got64 = D.stored_gamma_poisson_terms(*args).numpy()
+    assert (np.abs(got64 - exact) / scale).max() < 1e-7

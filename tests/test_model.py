@@ -232,3 +232,36 @@ def test_checkpoints_are_written_at_most_once_per_interval_and_at_the_end(
     assert len(writes) == expected_writes  # before the first step, then per epoch / at the end
     state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 3 and state["global_step"] == model.trainer_.global_step
+
+
+def test_model_defaults_agree_with_the_config_schema_and_yaml():
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from regvi.config import ModelConfig
+    from regvi.model.rna import DEFAULTS
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    schema = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for name in ("rna.yaml", "multimodal.yaml"):
+        yaml = OmegaConf.to_container(OmegaConf.load(conf / name))
+        assert set(yaml) - {"name", "modalities"} == set(DEFAULTS), name
+        for key, value in DEFAULTS.items():
+            if not (name == "multimodal.yaml" and key == "n_latent"):
+                assert yaml[key] == value == schema[key], (name, key)
+
+
+def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models():
+
+    adata, _ = simulate(n_cells=60, n_genes=20, n_cell_types=2, n_batches=1, seed=0)
+    AmbientRegularizedSCVI.setup_anndata(adata)
+    for value in (True, False):
+        model = AmbientRegularizedSCVI(adata, n_hidden=8, dispersion_prior_jacobian=value)
+        assert model.module.rna.dispersion.jacobian is value
+    from .test_multimodal import build, make_mdata
+
+    model = build(make_mdata(n_cells=60), dispersion_prior_jacobian={"atac": False})
+    assert model.module.modalities["atac"].dispersion.jacobian is False
+    assert model.module.modalities["rna"].dispersion.jacobian is True

@@ -167,17 +167,19 @@ class LogFactorialCache:
     evaluations the likelihood would make on that minibatch's entries) and reused every
     later epoch, which saves a third of the likelihood's log-gamma evaluations from the
     second epoch on. There is no up-front pass over the data (one would cost more than a
-    short run saves, and read an on-disk file once more); memory is 5 bytes a cell.
+    short run saves, and read an on-disk file once more); memory is 9 bytes a cell. The sums
+    are float64: a cell's is of the size of its counts times their log (thousands of nats),
+    and in float32 its rounding alone put the likelihood 0.01 nats off.
     """
 
     def __init__(self, n_cells: int):
-        self.sums = torch.zeros(n_cells)
+        self.sums = torch.zeros(n_cells, dtype=torch.float64)
         self.known = torch.zeros(n_cells, dtype=torch.bool)
 
     def for_rows(self, rows: torch.Tensor, counts: SparseCounts) -> torch.Tensor:
         """The sums of the cells ``rows`` whose counts (in that order) are ``counts``."""
         if not bool(self.known[rows].all()):
-            self.sums[rows] = counts.row_sums(torch.lgamma(counts.values + 1.0))
+            self.sums[rows] = counts.row_sums(torch.lgamma(counts.values + 1.0).double())
             self.known[rows] = True
         return self.sums[rows]
 

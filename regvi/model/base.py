@@ -137,7 +137,8 @@ class BaseModel:
             Fraction of each library's cells used for training; the rest is validation
             (stratified by library, so every library is represented in both).
         early_stopping
-            Stop when ``elbo_validation`` has not improved by
+            Stop when ``elbo_validation`` (a single-sample Monte-Carlo ELBO: eval mode, no
+            dropout, every latent sampled) has not improved by
             ``early_stopping_min_delta_per_feature * n_features`` for
             ``early_stopping_patience`` epochs.
         kl_warmup_fraction

@@ -28,13 +28,14 @@ from regvi.data.mudata_io import (
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
 from regvi.model.rna import DEFAULTS as SINGLE_MODALITY_DEFAULTS
+from regvi.module.base import monte_carlo
 from regvi.module.components import LibraryPrior
 from regvi.module.init import (
     cell_totals,
     data_dependent_init,
     library_prior_stats,
 )
-from regvi.module.multimodal import ModalitySpec, RegularizedMultimodalVAE
+from regvi.module.multimodal import ModalitySpec, RegularizedMultimodalVAE, modality_view
 
 SETUP_KEY = "regvi_multimodal_setup"
 #: Covariate roles a modality may set for itself (replacing the shared, resolved keys).
@@ -261,6 +262,7 @@ class RegularizedMultimodalVI(BaseModel):
                 codes[f"{m}/ambient"][measured] if use_ambient else None,
                 n_ambient,
                 self.option("ambient_init_gene_fraction", m),
+                float(np.log(self.option("library_sensitivity", m))),
             )
             init[m] = {"prior": prior, "bias": bias, "ambient": ambient}
         return init
@@ -386,6 +388,41 @@ class RegularizedMultimodalVI(BaseModel):
                 out[filled : filled + len(block)] = block
             filled += len(block)
         return out if out is not None else np.concatenate(pieces, axis=0)
+
+    @torch.no_grad()
+    def get_reconstruction_error(
+        self,
+        mdata: Any = None,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        modality: str | None = None,
+        sample: bool = True,
+    ) -> float:
+        """Mean per-cell negative log-likelihood of the counts, summed over the features of
+        every modality a cell is measured in (the ``reconstruction_loss`` of the objective),
+        or of ``modality`` alone (cells not measured in it counting 0, as in the objective's
+        ``reconstruction_loss_<modality>``): a held-out fit measure. ``sample=True`` (default): a
+        single-sample Monte-Carlo estimate, z, ℓ, w and θ drawn from their posteriors as in
+        the ELBO, without dropout; random from call to call. ``sample=False``: at the
+        posterior means and the posterior-median θ (deterministic, and optimistic)."""
+        names = self.modality_names if modality is None else [modality]
+        if modality is not None:
+            self._block(modality)
+        widest = max(len(self.feature_names[m]) for m in names)
+        total, n = 0.0, 0
+        with monte_carlo(self.module, sample):
+            for batch in self._iterate(mdata, indices, batch_size, None, widest):
+                inf = self.module.inference(batch)
+                for name in names:
+                    post = inf["per_modality"][name]
+                    rate = self.module.decode(name, inf["z"], post["library"]["library"], batch)
+                    part = self.module.modalities[name]
+                    nll = part.reconstruction_loss(
+                        batch[f"x_{name}"], rate, modality_view(batch, name)
+                    )
+                    total += float(torch.where(post["measured"], nll, 0.0).sum())
+                n += batch[f"x_{names[0]}"].shape[0]
+        return total / max(n, 1)
 
     def get_modality_attribution(
         self,

@@ -17,6 +17,7 @@ from regvi.data.io import count_matrix
 from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
+from regvi.module.base import monte_carlo
 from regvi.module.components import LibraryPrior
 from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
 from regvi.module.rna import RegularizedVAE
@@ -41,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "regularise_dispersion": True,
     "dispersion_hyper_prior_mean": 1.0 / 3.0,
     "dispersion_hyper_prior_alpha": 9.0,
+    # True: the proper KL (log-Jacobian included; current behaviour); False: the published
+    # objective. To be settled by a benchmark.
+    "dispersion_prior_jacobian": True,
     "library_n_hidden": 16,
     "library_log_vars_weight": 0.5,
     "residual_library_encoder": True,
@@ -75,16 +79,26 @@ class AmbientRegularizedSCVI(BaseModel):
     use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
         Additive ambient RNA per ambient category, and its optional Gamma prior.
     ambient_init_gene_fraction
-        Ambient initialised at this fraction of each category's mean normalised expression.
+        Ambient initialised at this fraction of each category's mean normalised expression
+        (divided by the number of ambient keys, so a cell's summed background starts at
+        this fraction).
     use_feature_scaling, feature_scaling_prior_alpha, feature_scaling_prior_beta
         Per-category multiplicative gene scaling and its Gamma prior.
     regularise_dispersion, dispersion_hyper_prior_mean, dispersion_hyper_prior_alpha
         Hierarchical dispersion prior (Exp on θ^-1/2, Gamma hyperprior).
+    dispersion_prior_jacobian
+        True (default): the dispersion penalty is the proper KL, with the log-Jacobian of
+        θ^-1/2; it pulls weakly informed θ towards λ²≈9 from both sides (near-Poisson genes
+        towards over-dispersion). False: the published objective without it, which pushes θ
+        up, towards Poisson (not a KL: the ELBO is then not a bound).
     library_n_hidden, library_log_vars_weight, residual_library_encoder, library_w_prior_rate
         Learned library size: encoder width, prior variance scaling, residual on the observed
-        library, and the Exp prior rate of the residual weight.
+        library (a LogNormal weight with an Exp prior; without it, a learned point
+        coefficient on the observed log library), and the Exp prior rate of the residual
+        weight.
     decoder_weight_l2
-        L2 penalty on decoder weights (a global term, divided by N).
+        L2 penalty on decoder weights, covariate (nn_conditioning) columns included (a
+        global term, divided by N).
     """
 
     def __init__(self, adata: ad.AnnData, **kwargs: Any):
@@ -204,6 +218,7 @@ class AmbientRegularizedSCVI(BaseModel):
             regularise_dispersion=p["regularise_dispersion"],
             dispersion_hyper_prior_mean=p["dispersion_hyper_prior_mean"],
             dispersion_hyper_prior_alpha=p["dispersion_hyper_prior_alpha"],
+            dispersion_prior_jacobian=p["dispersion_prior_jacobian"],
             library_n_hidden=p["library_n_hidden"],
             library_log_vars_weight=p["library_log_vars_weight"],
             residual_library_encoder=p["residual_library_encoder"],
@@ -337,16 +352,22 @@ class AmbientRegularizedSCVI(BaseModel):
         adata: ad.AnnData | None = None,
         indices: np.ndarray | None = None,
         batch_size: int | None = None,
+        sample: bool = True,
     ) -> float:
-        """Mean per-cell negative log-likelihood of the counts (summed over genes) at the
-        posterior means of z and ℓ and the posterior-median θ: a held-out fit measure."""
+        """Mean per-cell negative log-likelihood of the counts (summed over genes): a held-out
+        fit measure. ``sample=True`` (default): a single-sample Monte-Carlo estimate of
+        :math:`E_q[-\\log p(x\\mid z,\\ell,\theta)]`, z, ℓ, w and θ drawn from their posteriors
+        as in the ELBO (scvi-tools' ``get_reconstruction_error`` samples z too), without
+        dropout; random from call to call. ``sample=False``: at the posterior means of z,
+        ℓ and w and the posterior-median θ (deterministic, and optimistic)."""
         total, n = 0.0, 0
-        for batch in self._iterate(adata, indices, batch_size, None, len(self.gene_names)):
-            inf = self.module.inference(batch)
-            gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
-            nll = self.module.rna.reconstruction_loss(batch["x"], gen["mu"], batch)
-            total += float(nll.sum())
-            n += nll.shape[0]
+        with monte_carlo(self.module, sample):
+            for batch in self._iterate(adata, indices, batch_size, None, len(self.gene_names)):
+                inf = self.module.inference(batch)
+                gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
+                nll = self.module.rna.reconstruction_loss(batch["x"], gen["mu"], batch)
+                total += float(nll.sum())
+                n += nll.shape[0]
         return total / max(n, 1)
 
     def get_ambient_profiles(self) -> pd.DataFrame:

@@ -123,16 +123,39 @@ def data_dependent_init(
     ambient_codes: np.ndarray | None = None,
     n_ambient_categories: int = 0,
     ambient_gene_fraction: float = 0.2,
+    log_sensitivity: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decoder head bias and (if ``ambient_codes`` is given) log ambient, from one pass."""
+    r"""Decoder head bias and (if ``ambient_codes`` is given) log ambient, from one pass,
+    such that a cell's initial expected total :math:`\sum_g\mu_{ng}` is its observed
+    total :math:`L_n`.
+
+    * Sensitivity :math:`s`: the library prior and encoder are centred at
+      :math:`\log s`, so :math:`e^{\ell_n}` starts at :math:`s L_n e^{-\bar m}`; ρ and the
+      ambient are therefore set in units of :math:`e^{\bar m}/s` (the published
+      :math:`x^{norm} = x\,(\bar L/s)/L`), not :math:`e^{\bar m}`, which made the initial
+      expected totals :math:`s` times the observed ones (0.2x for ATAC at s = 0.2).
+    * Ambient keys: a cell's background is the sum of its keys' profiles (see
+      :class:`~regvi.module.components.AmbientBackground`), so with ``k`` keys each profile
+      starts at ``ambient_gene_fraction / k`` of its category's mean, and the per-cell sum
+      at ``ambient_gene_fraction`` of the mean whatever ``k``.
+    * The decoder then starts at the rest, ``1 - ambient_gene_fraction`` of each gene's mean
+      (floored, see :func:`decoder_bias_init`): ρ and the ambient share the mean instead of
+      both counting it (1.2x the observed totals).
+    """
     use_ambient = ambient_codes is not None and n_ambient_categories > 0
+    n_keys = ambient_codes.shape[1] if use_ambient and ambient_codes.ndim == 2 else 1
     gene_sums, cat_sums, counts = normalised_sums(
         X,
         totals,
-        reference_log_library,
+        reference_log_library - log_sensitivity,
         ambient_codes if use_ambient else None,
         n_ambient_categories,
     )
-    bias = decoder_bias_init(gene_sums / max(X.shape[0], 1))
-    ambient = ambient_init(cat_sums, counts, ambient_gene_fraction) if use_ambient else None
+    decoder_share = 1.0 - ambient_gene_fraction if use_ambient else 1.0
+    bias = decoder_bias_init(decoder_share * gene_sums / max(X.shape[0], 1))
+    ambient = (
+        ambient_init(cat_sums, counts, ambient_gene_fraction / max(n_keys, 1))
+        if use_ambient
+        else None
+    )
     return bias, ambient

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from regvi.distributions import kl_normal_standard
-from regvi.module.base import LossOutput
+from regvi.module.base import LossOutput, Stochastic
 from regvi.module.components import CountModality, LibraryPrior
 from regvi.nn import Encoder
 
@@ -67,7 +67,7 @@ def modality_view(batch: Mapping[str, torch.Tensor], name: str) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-class RegularizedMultimodalVAE(nn.Module):
+class RegularizedMultimodalVAE(Stochastic):
     r"""Multimodal VAE with a concatenated latent and one CountModality per modality.
 
     Loss per minibatch of B cells (N the training-set size, :math:`o_{nm}` = 1 if cell n is
@@ -141,7 +141,7 @@ class RegularizedMultimodalVAE(nn.Module):
         parts = {name: self._encode_modality(name, batch) for name in self.modality_names}
         loc = torch.cat([parts[m]["qz_mean"] for m in self.modality_names], dim=-1)
         scale2 = torch.cat([parts[m]["qz_var"] for m in self.modality_names], dim=-1)
-        z = loc + torch.sqrt(scale2) * torch.randn_like(loc) if self.training else loc
+        z = loc + torch.sqrt(scale2) * torch.randn_like(loc) if self.sampling else loc
         return {"qz_mean": loc, "qz_var": scale2, "z": z, "per_modality": parts}
 
     # ------------------------------------------------------------------ generative

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from regvi.distributions import kl_normal_standard
-from regvi.module.base import LossOutput
+from regvi.module.base import LossOutput, Stochastic
 from regvi.module.components import CountModality, LibraryPrior
 from regvi.nn import Encoder
 
 
-class RegularizedVAE(nn.Module):
+class RegularizedVAE(Stochastic):
     r"""Ambient-regularised VAE for RNA counts.
 
     Inference: :math:`q(z\mid x) = \mathcal N(\mu(x'), \sigma^2(x'))` with
@@ -73,7 +72,7 @@ class RegularizedVAE(nn.Module):
         features, observed_library = self.rna.encoder_input(batch["x"])
         continuous = batch["continuous"]
         qz_mean, qz_var = self.z_encoder(features, batch["encoder"], continuous)
-        z = qz_mean + torch.sqrt(qz_var) * torch.randn_like(qz_mean) if self.training else qz_mean
+        z = qz_mean + torch.sqrt(qz_var) * torch.randn_like(qz_mean) if self.sampling else qz_mean
         lib = self.rna.library(
             features, observed_library, batch["library_size"], batch["encoder"], continuous
         )

@@ -380,8 +380,13 @@ class Decoder(nn.Module):
         return F.softplus(h)
 
     def weight_l2(self) -> torch.Tensor:
-        """Sum of squared weights of every Linear layer and the head (biases excluded)."""
-        return sum_of_squares(self.head.weight, *(linear.weight for linear in self.layers.linears))
+        """Sum of squared weights of every Linear layer, of the injected ``nn_conditioning``
+        columns of every layer and of the head (biases excluded). The published decoder
+        concatenates the covariates' one-hot to each layer's input, so its L2 covers their
+        weight columns, which :class:`CategoricalInjection` stores apart."""
+        injected = (inj.weight for inj in self.layers.injections if inj.weight is not None)
+        linears = (linear.weight for linear in self.layers.linears)
+        return sum_of_squares(self.head.weight, *linears, *injected)
 
 
 def sum_of_squares(*tensors: torch.Tensor) -> torch.Tensor:

