@@ -59,6 +59,8 @@ DATASETS: dict[str, tuple[str, str | None]] = {
 
 SIZES = {"defaults": {}, "512/128": {"n_hidden": 512, "n_latent": 128}}
 HELD_OUT_FRACTION = 0.1
+#: Part of every cached result's key: bump it when regvi's code changes what a run gives.
+REVISION = 2
 
 
 def load_data(name: str):
@@ -183,6 +185,8 @@ def _cached_data(name: str):
 
 def run_one(spec: dict, cache: Path) -> dict:
     """Train (or read from the cache) one configuration and score its latent."""
+    if spec["tool"] == "regvi":
+        spec = {**spec, "revision": REVISION}
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"{key}.json"
     if path.exists():
