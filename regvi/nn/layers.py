@@ -21,7 +21,6 @@ one modality (z and library size) share that dropped-out input, see
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -181,13 +180,12 @@ class CategoricalInjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(n_categories, n_out)) if n_categories else None
         if self.weight is not None:
-            if os.environ.get("REGVI_INJECTION_INIT") == "small":
-                nn.init.normal_(self.weight, std=0.01)
-            else:
-                # the columns a one-hot input would have in the layer's Linear: uniform on
-                # ±1/sqrt(fan in) (fan in: the layer's input width plus the categories)
-                bound = 1.0 / math.sqrt(fan_in if fan_in else n_categories)
-                nn.init.uniform_(self.weight, -bound, bound)
+            # the columns a one-hot input would have in the layer's Linear: uniform on
+            # ±1/sqrt(fan in) (fan in: the layer's input width plus the categories). A much
+            # smaller start (N(0, 0.01²), as before) lets a batch-conditioned decoder ignore
+            # the batch early on, so z learns it instead: see docs/integration.md.
+            bound = 1.0 / math.sqrt(fan_in if fan_in else n_categories)
+            nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, codes: torch.Tensor | None) -> torch.Tensor | float:
         if self.weight is None or codes is None or codes.shape[-1] == 0:
