@@ -231,17 +231,19 @@ class BaseModel:
             if val_idx.size
             else None
         )
-        n_processes = int(devices) if strategy.startswith("ddp") and str(devices).isdigit() else 1
+        # devices=k > 1 trains in k processes under any strategy ("auto" picks DDP); this
+        # estimate only sets the logging interval and where spawned processes leave history
+        n_processes = int(devices) if str(devices).isdigit() else 1
         steps_per_epoch = -(-(train_idx.size // n_processes) // batch_size)
         fetches_per_epoch = -(-steps_per_epoch // minibatches_per_fetch)
-        warmup_steps = int(round(kl_warmup_fraction * max_epochs * steps_per_epoch))
         plan = TrainingPlan(
             self.module,
             n_obs_training=train_idx.size,
             lr=lr,
             weight_decay=weight_decay,
             eps=eps,
-            kl_warmup_steps=warmup_steps,
+            # the warm-up length comes from the built Trainer (its processes, its limits)
+            kl_warmup_fraction=kl_warmup_fraction,
             gradient_clip_val=gradient_clip_val,
             finite_check_every_n_steps=finite_check_every_n_steps,
         )
