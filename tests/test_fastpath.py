@@ -138,3 +138,18 @@ def test_fast_and_reference_paths_train_alike():
         torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-5, msg=name)
     # while training moved the parameters far beyond that tolerance
     assert (fast_state["rna.decoder.head.bias"] - start).abs().max() > 1e-3
+
+
+def test_checkpoints_move_between_the_paths_keeping_each_paths_optimiser():
+    from regvi.train.optim import make_adam
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.ones(3)
+    fast = make_adam(params, lr=1e-3)
+    fast.step()
+    with fastpath.reference_path():
+        plain = make_adam(params, lr=1e-3)
+    plain.load_state_dict(fast.state_dict())
+    assert type(plain) is torch.optim.Adam and not plain.param_groups[0]["fused"]
+    fast.load_state_dict(plain.state_dict())
+    assert fast.param_groups[0]["fused"] is True

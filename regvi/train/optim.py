@@ -51,6 +51,9 @@ class FusedAdam(torch.optim.Adam):
     @staticmethod
     def _forget_lists(optimizer: FusedAdam) -> None:
         optimizer._lists = None
+        # a state dict saved by the reference path's torch Adam carries fused=None
+        for group in optimizer.param_groups:
+            group["fused"] = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -132,5 +135,14 @@ def make_adam(params: Iterable[torch.nn.Parameter], **options: Any) -> torch.opt
     (``REGVI_REFERENCE=1``, see :mod:`regvi.fastpath`) ``torch.optim.Adam`` with torch's
     default implementation. Both hold the same state and ``state_dict``."""
     if fastpath.reference():
-        return torch.optim.Adam(params, **options)
+        optimizer = torch.optim.Adam(params, **options)
+        optimizer.register_load_state_dict_post_hook(_default_implementation)
+        return optimizer
     return FusedAdam(params, **options)
+
+
+def _default_implementation(optimizer: torch.optim.Adam) -> None:
+    """After loading a state dict (a checkpoint of the fast path says ``fused=True``), keep
+    torch's default implementation."""
+    for group in optimizer.param_groups:
+        group["fused"] = None
