@@ -96,15 +96,13 @@ def _worker(tool: str, train_path: str, test_path: str, cfg: dict) -> dict:
     }
     if tool == "regvi":
         from regvi import AmbientRegularizedSCVI
+        from regvi.train.host_memory import reuse_host_memory
 
         AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
         model = AmbientRegularizedSCVI(adata, **arch)
         start = time.perf_counter()
-        model.train(
-            **train_kwargs,
-            reuse_host_memory=cfg["reuse_host_memory"],
-            kl_warmup_fraction=WARMUP_FRACTION,
-        )
+        with reuse_host_memory(cfg["reuse_host_memory"]):  # as the CLI run does
+            model.train(**train_kwargs, kl_warmup_fraction=WARMUP_FRACTION)
         seconds = time.perf_counter() - start
         nll = model.get_reconstruction_error(test)
     else:

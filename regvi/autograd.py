@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from regvi import fastpath
+
 try:  # private torch API (present since 2.0); without it, plain Function.apply is used
     from torch._C import _are_functorch_transforms_active
     from torch._functorch.utils import unwrap_dead_wrappers
@@ -19,13 +21,21 @@ def apply(function: type[torch.autograd.Function], *args: Any) -> Any:
 
     For a Function with a separate ``setup_context`` (the style that forward-mode AD, used by
     attribution, requires), ``Function.apply`` binds the arguments to ``forward``'s
-    signature with ``inspect.signature`` on every call, to fill in defaults: 14 us a call on
-    the 2-core benchmark CPU, against 11 us for the whole of the rest of the call, with four
-    such calls in a training step. With every argument given there is nothing to fill in,
-    so outside ``torch.func`` transforms this goes straight to the autograd machinery that
-    ``Function.apply`` itself ends in; inside them (``torch.func.jvp``) it is
-    ``Function.apply``.
+    signature with ``inspect.signature`` on every call, to fill in defaults, which costs
+    more than the rest of the call (see ``docs/performance.md``). With every argument given
+    there is nothing to fill in, so outside ``torch.func`` transforms this goes straight to
+    the autograd machinery that ``Function.apply`` itself ends in (``torch._C``'s
+    ``_FunctionBase.apply``, a private API).
+
+    That shortcut is taken only where :func:`regvi.fastpath.private_torch_apis` allows it (a
+    tested torch version, not the reference path ``REGVI_REFERENCE=1``) and the private
+    names imported; otherwise, and inside ``torch.func`` transforms (``torch.func.jvp``),
+    this is ``Function.apply``.
     """
-    if _are_functorch_transforms_active is None or _are_functorch_transforms_active():
+    if (
+        _are_functorch_transforms_active is None
+        or not fastpath.private_torch_apis()
+        or _are_functorch_transforms_active()
+    ):
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))

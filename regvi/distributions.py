@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from regvi import fastpath
 from regvi.data.counts import SparseCounts
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
@@ -421,9 +422,15 @@ def closed_form_scalar(
     fixed costs add up: leaving the terms out altogether made a batch-128 step 0.55 ms
     (7%) shorter on the 2-core benchmark CPU. In closed form the value and the gradients
     take a few elementwise passes and one node. Outside autograd (evaluation,
-    ``torch.no_grad``) only the value is computed.
+    ``torch.no_grad``) only the value is computed, and on the reference path
+    (``REGVI_REFERENCE=1``, see :mod:`regvi.fastpath`) the value is differentiated by
+    autograd, the hand-derived gradients unused.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in inputs)
+        and not fastpath.reference()
+    ):
         return _ClosedFormScalar.apply(value_and_grads, *inputs)
     return value_and_grads(*inputs, with_grads=False)[0]
 

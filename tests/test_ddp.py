@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -82,3 +83,61 @@ def test_two_process_ddp_trains_from_disk_with_block_shuffling(tmp_path):
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert len(history) == 2 and np.isfinite(history["loss_train"]).all()
     assert [p.name for p in (tmp_path / "run").rglob("*.h5ad")] == ["results.h5ad"]
+
+
+class _RecordCells(pl.Callback):
+    """Saves, per process and epoch, the cells its training steps used. Cells are told
+    apart by a fingerprint of their counts (a random projection), so nothing is added to
+    the data or the model; runs in the spawned processes, so it writes files."""
+
+    def __init__(self, out_dir: Path, projection: torch.Tensor):
+        self.out_dir, self.projection = Path(out_dir), projection
+        self.keys: list[np.ndarray] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.keys = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for minibatch in batch:
+            dense = minibatch["x"].to_dense().double()
+            self.keys.append((dense @ self.projection).numpy())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        name = f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.npy"
+        np.save(self.out_dir / name, np.concatenate(self.keys))
+
+
+def test_ddp_processes_split_the_cells_disjointly_every_epoch(tmp_path):
+    """Two processes (gloo), dropout on (its draws differ between processes, as the global
+    RNG streams then do): every epoch the processes' cells are disjoint and together are
+    the training set; and the KL warm-up, whose length comes from the built Trainer (each
+    process's share of the steps), ends at weight 1."""
+    from regvi import AmbientRegularizedSCVI
+    from regvi.datasets import simulate
+
+    adata, _ = simulate(n_cells=200, n_genes=60, n_batches=2, seed=4, return_rho=False)
+    projection = torch.randn(adata.n_vars, generator=torch.Generator().manual_seed(0)).double()
+    fingerprints = (torch.as_tensor(adata.X.toarray()).double() @ projection).numpy()
+    assert np.unique(fingerprints).size == adata.n_obs  # every cell told apart
+    AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    torch.manual_seed(0)
+    model = AmbientRegularizedSCVI(adata, n_latent=3, n_hidden=16, dropout_rate=0.2)
+    epochs = 3
+    model.train(
+        max_epochs=epochs,
+        batch_size=32,
+        train_size=1.0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        kl_warmup_fraction=1.0,
+        minibatches_per_fetch=1,
+        enable_progress_bar=False,
+        callbacks=[_RecordCells(tmp_path, projection)],
+    )
+    for epoch in range(epochs):
+        shares = [np.load(tmp_path / f"rank{rank}_epoch{epoch}.npy") for rank in (0, 1)]
+        assert shares[0].size == shares[1].size == 100  # each cell once in its process
+        assert np.intersect1d(shares[0], shares[1]).size == 0, f"epoch {epoch}"
+        np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(fingerprints))
+    assert model.history["kl_weight"].iloc[-1] == pytest.approx(1.0)

@@ -265,3 +265,23 @@ def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models(
     model = build(make_mdata(n_cells=60), dispersion_prior_jacobian={"atac": False})
     assert model.module.modalities["atac"].dispersion.jacobian is False
     assert model.module.modalities["rna"].dispersion.jacobian is True
+
+
+def test_kl_warmup_length_comes_from_the_built_trainer():
+    """A Trainer that takes fewer steps than the data suggest (here: half of each epoch's
+    batches) still ends its warm-up at weight 1: the length is counted from the Trainer."""
+    adata, _ = simulate(n_cells=256, n_genes=30, n_cell_types=2, n_batches=1, seed=5)
+    AmbientRegularizedSCVI.setup_anndata(adata)
+    model = AmbientRegularizedSCVI(adata, n_latent=2, n_hidden=8)
+    model.train(
+        max_epochs=2,
+        batch_size=32,
+        train_size=1.0,
+        kl_warmup_fraction=1.0,
+        minibatches_per_fetch=1,
+        limit_train_batches=0.5,
+        enable_progress_bar=False,
+    )
+    plan = model.trainer_.lightning_module
+    assert plan.kl_warmup_steps == model.trainer_.global_step == 8  # 4 of 8 steps, twice
+    assert model.history["kl_weight"].tolist() == pytest.approx([0.5, 1.0])

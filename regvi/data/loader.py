@@ -184,9 +184,14 @@ class LogFactorialCache:
         return self.sums[rows]
 
 
+def _distributed() -> bool:
+    """Whether this process belongs to a torch.distributed process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _process_group() -> tuple[int, int]:
     """(rank, world size) of torch.distributed, or (0, 1) outside a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
@@ -196,11 +201,20 @@ class _SubsetBatchSampler(Sampler):
     ``minibatches_per_fetch`` at a time (as a list of index arrays, the last list possibly
     shorter).
 
-    Under DDP every process draws the same permutation (the global RNG is seeded alike on
-    all ranks) and keeps every ``world_size``-th cell of it from its rank on, after trimming
-    the permutation to a multiple of ``world_size``: the ranks' cells are disjoint and all
-    ranks run the same number of steps (at most ``world_size - 1`` cells sit out an epoch,
-    different ones each epoch when shuffling).
+    The shuffling draws come from the sampler's own ``torch.Generator``, seeded afresh each
+    epoch from ``(seed, epoch)`` (:meth:`set_epoch`, which Lightning calls at the start of
+    every epoch; iterating without it advances the epoch by one a pass), never from the
+    global RNG. ``seed`` defaults to a number drawn from torch's global generator when the
+    sampler is made, so ``torch.manual_seed`` still decides the order.
+
+    Under DDP every process therefore draws the same permutation in every epoch, whatever
+    else (dropout, the model's noise) it has drawn from its global RNG (processes whose
+    seeds differ, as unseeded processes launched apart would, take rank 0's: one broadcast
+    at the first epoch), and keeps every ``world_size``-th cell of it from its rank on,
+    after trimming the permutation to a multiple of ``world_size``: the ranks' cells are
+    disjoint and all ranks run the same number of steps (at most ``world_size - 1`` cells
+    sit out an epoch, different ones each epoch when shuffling). A resumed run continues the
+    same sequence of permutations.
 
     With ``shuffle_block_cells=B`` (shuffling only) the subset is cut into blocks of ``B``
     consecutive cells and the *blocks* are permuted; each fetch then pools the cells of its
@@ -219,6 +233,7 @@ class _SubsetBatchSampler(Sampler):
         shuffle: bool,
         minibatches_per_fetch: int = 1,
         shuffle_block_cells: int | None = None,
+        seed: int | None = None,
     ):
         self.subset = np.asarray(subset, dtype=np.int64)
         self.shuffle = shuffle
@@ -226,28 +241,51 @@ class _SubsetBatchSampler(Sampler):
         self.minibatches_per_fetch = max(1, int(minibatches_per_fetch))
         self.block_cells = int(shuffle_block_cells) if shuffle and shuffle_block_cells else 0
         self.drop_last = False
+        if seed is None:
+            seed = int(torch.randint(2**62, (), dtype=torch.int64)) if shuffle else 0
+        self.seed = int(seed)
+        self.epoch = 0
+        self._seed_agreed = False
 
-    def _rank_cells(self) -> np.ndarray:
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose permutation the next pass draws."""
+        self.epoch = int(epoch)
+
+    def _generator(self) -> torch.Generator:
+        """This epoch's generator, seeded from ``(seed, epoch)``."""
+        _, world = _process_group()
+        if world > 1 and self.shuffle and not self._seed_agreed and _distributed():
+            # every process must draw the same permutations: take rank 0's seed
+            seed = [self.seed]
+            torch.distributed.broadcast_object_list(seed, src=0)
+            self.seed, self._seed_agreed = int(seed[0]), True
+        state = np.random.SeedSequence((self.seed, self.epoch)).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def _rank_cells(self, generator: torch.Generator) -> np.ndarray:
         rank, world = _process_group()
         n = self.subset.size
         if self.block_cells:
-            starts = torch.randperm(-(-n // self.block_cells)).numpy() * self.block_cells
+            n_blocks = -(-n // self.block_cells)
+            starts = torch.randperm(n_blocks, generator=generator).numpy() * self.block_cells
             order = (starts[:, None] + np.arange(self.block_cells)).ravel()
             order = order[order < n]
             share = n // world  # a contiguous share of the block order, whole blocks kept
             return self.subset[order[rank * share : (rank + 1) * share]]
-        order = torch.randperm(n).numpy() if self.shuffle else np.arange(n)
+        order = torch.randperm(n, generator=generator).numpy() if self.shuffle else np.arange(n)
         if world > 1:
             order = order[: (n // world) * world][rank::world]
         return self.subset[order]
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
-        cells = self._rank_cells()
+        generator = self._generator()
+        self.epoch += 1  # the next pass, unless set_epoch says otherwise
+        cells = self._rank_cells(generator)
         per_fetch = self.batch_size * self.minibatches_per_fetch
         for first in range(0, cells.size, per_fetch):
             pooled = cells[first : first + per_fetch]
             if self.block_cells:
-                pooled = pooled[torch.randperm(pooled.size).numpy()]
+                pooled = pooled[torch.randperm(pooled.size, generator=generator).numpy()]
             yield [
                 pooled[start : start + self.batch_size]
                 for start in range(0, pooled.size, self.batch_size)
@@ -273,9 +311,11 @@ def make_dataloader(
     pin_memory: bool = False,
     minibatches_per_fetch: int = 1,
     shuffle_block_cells: int | None = None,
+    seed: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``indices`` whose items are lists of ``minibatches_per_fetch`` whole
-    minibatches (fewer in the last item of a pass); ``shuffle_block_cells``: see
+    minibatches (fewer in the last item of a pass); ``shuffle_block_cells`` and ``seed`` (of
+    the shuffling, by default drawn from torch's global generator): see
     :class:`_SubsetBatchSampler`."""
     if batch_size < 1:
         raise DataError(f"data.batch_size must be at least 1 (got {batch_size})")
@@ -288,7 +328,7 @@ def make_dataloader(
             f"data.shuffle_block_cells must be at least 1 or null (got {shuffle_block_cells})"
         )
     sampler = _SubsetBatchSampler(
-        indices, batch_size, shuffle, minibatches_per_fetch, shuffle_block_cells
+        indices, batch_size, shuffle, minibatches_per_fetch, shuffle_block_cells, seed
     )
     return DataLoader(
         dataset,

@@ -25,7 +25,6 @@ from regvi.data.loader import (
 from regvi.errors import DataError, RegviError
 from regvi.outputs import atomic_write
 from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
-from regvi.train.host_memory import reuse_host_memory as reuse_host_memory_scope
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_METADATA = "model.json"
@@ -118,7 +117,7 @@ class BaseModel:
         checkpoint_every_n_epochs: int = 1,
         checkpoint_min_interval_s: float = 0.0,
         resume_from: str | Path | None = None,
-        reuse_host_memory: bool = True,
+        reuse_host_memory: bool | None = None,
         finite_check_every_n_steps: int | None = None,
         minibatches_per_fetch: int | None = None,
         shuffle_block_cells: int | None = None,
@@ -165,11 +164,9 @@ class BaseModel:
             A checkpoint to continue from. With the same data, arguments and seed the
             continued run matches an uninterrupted one.
         reuse_host_memory
-            Keep freed host memory in the heap while training, so the cells x features
-            buffers of one step are reused by the next instead of being page-faulted afresh
-            (glibc only; see :mod:`regvi.train.host_memory`): 2.3x faster a step at 20k
-            genes and batch 1024, 5-25% at a few MB a buffer (2k genes at batch 1024, 20k at
-            128), and steadier; heap fragmentation raises peak RSS a little.
+            Deprecated, ignored: ``train()`` no longer changes the process's allocator. Wrap
+            the call in :func:`regvi.train.host_memory.reuse_host_memory` instead (the
+            command-line run does, per ``trainer.reuse_host_memory``).
         finite_check_every_n_steps
             How often a non-finite loss is looked for: every step on the CPU, every 50 steps
             (and at each epoch's last step) on accelerators by default, where each look is a
@@ -187,6 +184,13 @@ class BaseModel:
             (``backed``), this turns a minibatch's one read per cell into one read per
             block. Default (None): cells are shuffled one by one, as in memory.
         """
+        if reuse_host_memory is not None:
+            warnings.warn(
+                "train(reuse_host_memory=...) is deprecated and ignored: wrap the call in "
+                "regvi.train.host_memory.reuse_host_memory() instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         dataset = self._dataset()
         n_cells = len(dataset)
         train_idx, val_idx = stratified_split(self._strata(), train_size, seed=split_seed)
@@ -227,17 +231,19 @@ class BaseModel:
             if val_idx.size
             else None
         )
-        n_processes = int(devices) if strategy.startswith("ddp") and str(devices).isdigit() else 1
+        # devices=k > 1 trains in k processes under any strategy ("auto" picks DDP); this
+        # estimate only sets the logging interval and where spawned processes leave history
+        n_processes = int(devices) if str(devices).isdigit() else 1
         steps_per_epoch = -(-(train_idx.size // n_processes) // batch_size)
         fetches_per_epoch = -(-steps_per_epoch // minibatches_per_fetch)
-        warmup_steps = int(round(kl_warmup_fraction * max_epochs * steps_per_epoch))
         plan = TrainingPlan(
             self.module,
             n_obs_training=train_idx.size,
             lr=lr,
             weight_decay=weight_decay,
             eps=eps,
-            kl_warmup_steps=warmup_steps,
+            # the warm-up length comes from the built Trainer (its processes, its limits)
+            kl_warmup_fraction=kl_warmup_fraction,
             gradient_clip_val=gradient_clip_val,
             finite_check_every_n_steps=finite_check_every_n_steps,
         )
@@ -286,7 +292,7 @@ class BaseModel:
             limit_val_batches=None if val_loader is not None else 0,
             **trainer_kwargs,
         )
-        with warnings.catch_warnings(), reuse_host_memory_scope(reuse_host_memory):
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")

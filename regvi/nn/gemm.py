@@ -14,7 +14,10 @@ the transpose of :math:`x^\\top g`, the operand order oneDNN is fast at); everyt
 ``F.linear``. Which backend is used is decided once per process (:func:`cpu_gemm_backend`):
 oneDNN on AMD CPUs with AVX-512 (where it was measured), MKL elsewhere; the environment
 variable ``REGVI_CPU_GEMM=onednn|mkl`` overrides it. The op is checked against ``F.linear``
-before first use, and a build without it falls back to ``F.linear``.
+before first use, and a build without it falls back to ``F.linear``. The op is private
+(``_linear_pointwise``), so it is used only where :func:`regvi.fastpath.private_torch_apis`
+allows (a tested torch version); the reference path (``REGVI_REFERENCE=1``) is always
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from regvi import autograd
+from regvi import autograd, fastpath
 
 #: products smaller than this many multiply-adds stay on MKL. oneDNN generates a kernel per
 #: operand shape and holds ~8 MB of its own (measured as peak memory on the 1000-cell multiome
@@ -128,13 +131,14 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; large float32 products on the CPU go to oneDNN where
-    that is the faster backend (see the module notes)."""
+    that is the faster backend (see the module notes), except on the reference path."""
     if (
         x.dim() == 2
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.shape[0] * weight.shape[0] * weight.shape[1] >= ONEDNN_MIN_MACS
         and not torch.is_autocast_enabled("cpu")
+        and fastpath.private_torch_apis()
         and cpu_gemm_backend() == "onednn"
     ):
         return autograd.apply(_OneDnnLinear, x.contiguous(), weight, bias)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from regvi import fastpath
+
 # an Adam group's settings that the fast path does not handle (it defers to torch then)
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
 
@@ -33,6 +35,11 @@ class FusedAdam(torch.optim.Adam):
     sparse gradient, AMP's gradient scaling (``grad_scale``/``found_inf``), a group option
     other than the defaults, or several devices or dtypes in a group. Loading a state dict
     or adding a parameter group rebuilds the lists.
+
+    The kernel is called through ``torch._fused_adam_``, a private API: only where
+    :func:`regvi.fastpath.private_torch_apis` allows it (a tested torch version, not the
+    reference path); otherwise every step is torch's own (public) fused ``step``. The
+    reference path does not use this class at all (see :func:`make_adam`).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], **options: Any):
@@ -44,6 +51,9 @@ class FusedAdam(torch.optim.Adam):
     @staticmethod
     def _forget_lists(optimizer: FusedAdam) -> None:
         optimizer._lists = None
+        # a state dict saved by the reference path's torch Adam carries fused=None
+        for group in optimizer.param_groups:
+            group["fused"] = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -74,8 +84,10 @@ class FusedAdam(torch.optim.Adam):
         return lists
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if getattr(self, "grad_scale", None) is not None or (
-            getattr(self, "found_inf", None) is not None
+        if (
+            not fastpath.private_torch_apis()
+            or getattr(self, "grad_scale", None) is not None
+            or getattr(self, "found_inf", None) is not None
         ):
             return super().step(closure)
         if self._lists is None:
@@ -116,3 +128,21 @@ class FusedAdam(torch.optim.Adam):
                     maximize=False,
                 )
         return loss
+
+
+def make_adam(params: Iterable[torch.nn.Parameter], **options: Any) -> torch.optim.Adam:
+    """The training optimiser: :class:`FusedAdam`, or on the reference path
+    (``REGVI_REFERENCE=1``, see :mod:`regvi.fastpath`) ``torch.optim.Adam`` with torch's
+    default implementation. Both hold the same state and ``state_dict``."""
+    if fastpath.reference():
+        optimizer = torch.optim.Adam(params, **options)
+        optimizer.register_load_state_dict_post_hook(_default_implementation)
+        return optimizer
+    return FusedAdam(params, **options)
+
+
+def _default_implementation(optimizer: torch.optim.Adam) -> None:
+    """After loading a state dict (a checkpoint of the fast path says ``fused=True``), keep
+    torch's default implementation."""
+    for group in optimizer.param_groups:
+        group["fused"] = None

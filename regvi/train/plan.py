@@ -12,9 +12,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from regvi.errors import NonFiniteLossError
+from regvi.errors import NonFiniteLossError, RegviError
 from regvi.module.base import monte_carlo
-from regvi.train.optim import FusedAdam
+from regvi.train.optim import make_adam
 
 
 class TrainingPlan(pl.LightningModule):
@@ -23,9 +23,13 @@ class TrainingPlan(pl.LightningModule):
     * Global priors are divided by ``n_obs_training`` (the training-set size N), for training
       and validation alike, so both losses are on one per-cell scale.
     * KL warm-up: :math:`\kappa = \min(\text{step} / S_{warm}, 1)` on KL(z) only, counted in
-      optimiser steps; ``kl_warmup_steps`` is set from the planned run length by the model's
-      ``train`` (a fraction of all steps), so the weight reaches 1 within the run whatever its
-      length. ``kl_warmup_steps=0`` means no warm-up.
+      optimiser steps. With ``kl_warmup_fraction`` (the model's ``train`` passes it),
+      :math:`S_{warm}` is that fraction of the steps the built Trainer will take, worked out
+      when training starts (:meth:`on_train_start`) in each process from its own data loader
+      (a data-parallel process's share of the cells, ``limit_train_batches``) and the
+      Trainer's ``max_epochs``/``max_steps``: the weight reaches 1 within the run whatever
+      its length or number of processes. Otherwise ``kl_warmup_steps`` is taken as given;
+      0 means no warm-up.
     * Adam with ``lr=1e-3``, ``eps=0.01``, ``weight_decay=1e-6`` (scvi-tools' defaults).
     * Every loss term is logged as ``<term>_train`` / ``<term>_validation`` per epoch.
       Validation runs in eval mode (no dropout) but samples every latent as training does
@@ -56,6 +60,7 @@ class TrainingPlan(pl.LightningModule):
         eps: float = 0.01,
         kl_warmup_steps: int = 0,
         gradient_clip_val: float | None = None,
+        kl_warmup_fraction: float | None = None,
         finite_check_every_n_steps: int | None = None,
     ):
         super().__init__()
@@ -70,10 +75,34 @@ class TrainingPlan(pl.LightningModule):
         self.n_obs_training = int(n_obs_training)
         self.lr, self.weight_decay, self.eps = lr, weight_decay, eps
         self.kl_warmup_steps = int(kl_warmup_steps)
+        self.kl_warmup_fraction = kl_warmup_fraction
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._names: dict[str, list[str]] = {}
         self._logged: set[str] = set()
+
+    def planned_steps(self) -> int:
+        """Optimiser steps this process will take in the whole run, from the built Trainer:
+        its training batches (fetches) an epoch, after ``limit_train_batches``, times the
+        minibatches a fetch, times ``max_epochs``, capped by ``max_steps``."""
+        trainer = self.trainer
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        per_fetch = getattr(sampler, "minibatches_per_fetch", 1)
+        steps_per_epoch = trainer.num_training_batches * per_fetch
+        if hasattr(sampler, "n_minibatches"):  # the last fetch of an epoch may be short
+            steps_per_epoch = min(steps_per_epoch, sampler.n_minibatches)
+        total = math.inf
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            total = steps_per_epoch * trainer.max_epochs
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            total = min(total, trainer.max_steps)
+        if not math.isfinite(total):
+            raise RegviError("set max_epochs or max_steps: the KL warm-up needs a run length")
+        return int(total)
+
+    def on_train_start(self) -> None:
+        if self.kl_warmup_fraction is not None:
+            self.kl_warmup_steps = int(round(self.kl_warmup_fraction * self.planned_steps()))
 
     @property
     def kl_weight(self) -> float:
@@ -284,8 +313,9 @@ class TrainingPlan(pl.LightningModule):
         params = [p for p in self.module.parameters() if p.requires_grad]
         self._trainable = params
         # The fused kernel updates every parameter in one call (CPU and CUDA), where the
-        # per-parameter loop costs ~1 ms a step on CPU: a tenth of a batch-128 step.
-        return FusedAdam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        # per-parameter loop is a tenth of a batch-128 CPU step (torch Adam on the
+        # reference path, see regvi.fastpath).
+        return make_adam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
 
 
 @functools.cache
