@@ -9,8 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from regvi.run.layout import CSV_LOG_DIR, WANDB_ID_FILE
+
 log = logging.getLogger(__name__)
-WANDB_ID_FILE = "wandb_run_id"
 
 
 def _new_run_id() -> str:
@@ -32,7 +33,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if lcfg.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        logger = CSVLogger(save_dir=str(run_dir), name="csv_logs", version="")
+        logger = CSVLogger(save_dir=str(run_dir), name=CSV_LOG_DIR, version="")
     else:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -62,7 +63,7 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     All runs of one sweep share a group named after the sweep; each run is named after its
     swept overrides (``model.n_latent=64 model.n_hidden=256``). An LSF array element gets both
     from its environment (set by ``regvi sweep run-element``); a local ``-m`` sweep from
-    Hydra's config. Outside Hydra (``regvi.workflow.train`` called directly) there is none.
+    Hydra's config. Outside Hydra (``regvi.run.train`` called directly) there is none.
     """
     from regvi import sweep
 

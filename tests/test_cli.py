@@ -206,7 +206,7 @@ def test_train_function_is_callable_without_cli(tmp_path):
     from omegaconf import OmegaConf
 
     from regvi.config import TrainConfig
-    from regvi.workflow import train
+    from regvi.run.pipeline import train
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.data.simulate.n_cells, cfg.data.simulate.n_genes = 200, 30

@@ -187,7 +187,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     from omegaconf import OmegaConf
 
     from regvi.config import TrainConfig
-    from regvi.workflow import resume, train
+    from regvi.run.pipeline import resume, train
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.data.simulate.n_cells, cfg.data.simulate.n_genes, cfg.data.batch_size = 200, 30, 64

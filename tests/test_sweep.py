@@ -248,7 +248,7 @@ def test_wandb_group_and_run_name(tmp_path, monkeypatch):
 
     from regvi import tracking
 
-    # outside Hydra (regvi.workflow.train called directly): no group
+    # outside Hydra (regvi.run.train called directly): no group
     monkeypatch.delenv(sweep.ENV_SWEEP_NAME, raising=False)
     assert tracking.sweep_group_and_name() == (None, None)
 

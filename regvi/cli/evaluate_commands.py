@@ -75,7 +75,7 @@ def evaluate(
     if debug:
         os.environ["REGVI_DEBUG"] = "1"
     _setup_logging()
-    from regvi.evaluate import METRICS_CSV, evaluate_run, wide_table
+    from regvi.run.evaluate import METRICS_CSV, evaluate_run, wide_table
 
     try:
         long = evaluate_run(
@@ -114,8 +114,8 @@ def predict(
     if debug:
         os.environ["REGVI_DEBUG"] = "1"
     _setup_logging()
-    from regvi.predict import parse_overrides
-    from regvi.predict import predict as run_predict
+    from regvi.run.predict import parse_overrides
+    from regvi.run.predict import predict as run_predict
 
     try:
         overrides = parse_overrides(list(ctx.args))
