@@ -20,10 +20,23 @@ def _new_run_id() -> str:
     return secrets.token_hex(4)
 
 
+#: Values of the ``WANDB_MODE`` environment variable that override ``logger.mode``
+#: (``dryrun`` is W&B's older name for offline).
+_ENV_MODES = {"disabled": "disabled", "offline": "offline", "dryrun": "offline"}
+
+
+def wandb_mode(configured: str) -> str:
+    """The W&B mode a run uses: ``WANDB_MODE=disabled`` or ``offline`` in the environment
+    wins over the configured ``logger.mode`` (as W&B users expect); otherwise ``configured``."""
+    return _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower(), configured)
+
+
 def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     """A Lightning logger for ``logger.name`` (``wandb`` | ``csv`` | ``none`` → False).
 
-    W&B runs ``offline`` unless ``logger.mode=online``; its files go to ``<run_dir>/wandb``.
+    W&B runs ``offline`` unless ``logger.mode=online``; ``WANDB_MODE=disabled`` or
+    ``offline`` in the environment wins (:func:`wandb_mode`). Its files go to
+    ``<run_dir>/wandb``.
     The whole resolved config is logged as hyperparameters. The W&B run id is kept in
     ``<run_dir>/wandb_run_id`` so a resumed run continues the same W&B run.
     """
@@ -51,7 +64,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
             entity=lcfg.entity,
             group=lcfg.group or group,
             tags=list(lcfg.tags) or None,
-            mode=lcfg.mode,
+            mode=wandb_mode(lcfg.mode),
         )
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger

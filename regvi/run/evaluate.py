@@ -559,8 +559,10 @@ def _log_wandb(
     if logger is not None and type(logger).__name__ == "WandbLogger":
         logger.experiment.log(payload)
         return
+    from regvi.tracking import wandb_mode
+
     cfg = _run_config(run_dir)
-    if cfg is None or cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+    if cfg is None or cfg.logger.name != "wandb" or wandb_mode(cfg.logger.mode) == "disabled":
         return
     lc = cfg.logger
     run = wandb.init(
@@ -569,7 +571,7 @@ def _log_wandb(
         group=lc.get("group"),
         name=f"{lc.get('run_name') or run_dir.name}-evaluate",
         dir=str(run_dir),
-        mode=lc.mode,
+        mode=wandb_mode(lc.mode),
         job_type="evaluate",
         reinit="finish_previous",
     )
