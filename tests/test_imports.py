@@ -105,7 +105,9 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def _loaded_after(code: str) -> list[str]:
-    check = f"{code}\nimport sys\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    check = (
+        f"{code}\nimport sys\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, timeout=120
     )
