@@ -65,7 +65,9 @@ def evaluate(
     debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
 ) -> None:
     """Integration metrics of a trained run (batch mixing, label conservation, graph
-    connectivity, neighbourhood marker correlation), optionally beside baselines.
+    connectivity, neighbourhood marker correlation), optionally beside baselines. For a
+    multimodal run: on the joint latent and on each modality's, with the modality attribution
+    summarised in metrics.json.
 
     Writes metrics.json, metrics.csv and figures/metrics.png, figures/umap_comparison.png into
     the run directory; prints the table.
@@ -106,8 +108,9 @@ def predict(
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
 ) -> None:
-    """Encode new cells with a trained model: regvi predict RUN_DIR data.path=new.h5ad
-    (optionally data.layer=counts, outputs.figures=false, seed=0). Writes results.h5ad (obsm X_regvi, X_umap,
+    """Encode new cells with a trained model: regvi predict RUN_DIR data.path=new.h5ad (an
+    RNA run) or data.path=new.h5mu (a multimodal run); optionally data.layer=counts (RNA),
+    outputs.figures=false, seed=0. Writes the run's results file (obsm X_regvi, X_umap,
     layer regvi_normalized), figures and a copy of the model; prints the output directory."""
     import os
 
