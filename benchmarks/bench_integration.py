@@ -147,13 +147,13 @@ def _worker(spec: dict, out: str) -> None:
 # ----------------------------------------------------------------------------- metrics
 def score(name: str, latent: np.ndarray) -> dict[str, float]:
     """Integration metrics of one latent (see the module docstring)."""
-    from regvi.evaluate import load_markers, select_markers
     from regvi.metrics import (
         integration_metrics,
         knn_graph,
         log_normalise,
         neighbourhood_correlation,
     )
+    from regvi.run.evaluate import load_markers, select_markers
 
     adata = _cached_data(name)
     _, labels_key = DATASETS[name]

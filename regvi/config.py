@@ -9,13 +9,14 @@ any data is read, with a :class:`~regvi.errors.ConfigError` naming the key.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from regvi.errors import ConfigError
+from regvi.model.defaults import RNA_DEFAULTS
 
 
 @dataclass
@@ -64,41 +65,23 @@ class CovariatesConfig:
     continuous_covariate_keys: list[str] | None = None
 
 
-@dataclass
-class ModelConfig:
-    """Constructor arguments of the model (``name`` picks the model class)."""
-
-    name: str = "rna"
-    n_latent: int = 10
-    n_hidden: int = 128
-    n_layers: int = 1
-    dropout_rate: float = 0.1
-    activation: str = "relu"
-    use_ambient: bool = True
-    regularise_ambient: bool = False
-    ambient_prior_alpha: float = 1.0
-    ambient_prior_beta: float = 100.0
-    ambient_init_gene_fraction: float = 0.2
-    use_feature_scaling: bool = True
-    feature_scaling_prior_alpha: float = 200.0
-    feature_scaling_prior_beta: float = 200.0
-    regularise_dispersion: bool = True
-    dispersion_hyper_prior_mean: float = 0.3333333333333333
-    dispersion_hyper_prior_alpha: float = 9.0
-    dispersion_prior_jacobian: bool = True
-    library_n_hidden: int = 16
-    library_log_vars_weight: float = 0.5
-    residual_library_encoder: bool = True
-    library_w_prior_rate: float = 1.0
-    decoder_weight_l2: float = 0.1
-    scale_activation: str = "softplus"
-    use_observed_library: bool = False
-    encoder_input: str = "normalized"
-    dropout_after_activation: bool = False
-    norm: str = "layer"
+def _model_fields() -> list[tuple[str, Any, Any]]:
+    """``name``, then every option of :data:`regvi.model.defaults.RNA_DEFAULTS` with its type
+    and default, then ``modalities``."""
+    fields: list[tuple[str, Any, Any]] = [("name", str, field(default="rna"))]
+    for key, value in RNA_DEFAULTS.items():
+        fields.append((key, type(value), field(default=value)))
     # Multimodal only: {modality: {option: value}} overriding the options above (n_latent,
     # use_ambient, ...) and the covariate roles (ambient_covariate_keys, ...) per modality.
-    modalities: Any = None
+    fields.append(("modalities", Any, field(default=None)))
+    return fields
+
+
+#: Constructor arguments of the model (``name`` picks the model class), built from the
+#: models' defaults (:mod:`regvi.model.defaults`), so the schema cannot drift from them.
+ModelConfig = make_dataclass("ModelConfig", _model_fields())
+ModelConfig.__module__ = __name__
+ModelConfig.__doc__ = "Constructor arguments of the model (``name`` picks the model class)."
 
 
 @dataclass

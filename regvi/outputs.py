@@ -1,7 +1,8 @@
 """Writing run outputs atomically.
 
 Every file is written under a temporary name in its final directory and renamed into place
-(atomic on POSIX), so an interrupted run never leaves a truncated results file behind.
+(atomic on POSIX), so an interrupted run never leaves a truncated results file behind. The
+files' names are in :mod:`regvi.run.layout`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,12 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import h5py
-import pandas as pd
-
-RESULTS_H5AD = "results.h5ad"
-HISTORY_CSV = "history.csv"
-FIGURES_DIR = "figures"
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
-RUN_CONFIG = "config.yaml"
+if TYPE_CHECKING:  # imported where used: the quick CLI commands need only atomic_write
+    import anndata as ad
+    import h5py
+    import pandas as pd
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -39,7 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-LayerFiller = Callable[[h5py.Dataset], None]
+LayerFiller = Callable[["h5py.Dataset"], None]
 
 
 def write_h5ad_atomic(
@@ -57,6 +52,8 @@ def write_h5ad_atomic(
     ``copy_x_from``: an .h5ad whose ``X`` is copied into the file HDF5-to-HDF5 (for
     ``adata`` without X, e.g. results of an out-of-core run).
     """
+
+    import h5py
 
     def _write(tmp: Path) -> None:
         adata.write_h5ad(tmp)
@@ -80,6 +77,8 @@ def write_h5mu_atomic(
     """Write a MuData object to ``path`` via a temporary file and a rename;
     ``streamed_layers`` maps a modality to ``{layer: fill}``, streamed into that modality's
     layers as in :func:`write_h5ad_atomic` (shape: the modality's cells x features)."""
+
+    import h5py
 
     def _write(tmp: Path) -> None:
         with warnings.catch_warnings():  # mudata's notice about its future defaults
@@ -113,4 +112,5 @@ def _stream_layers(
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``frame`` as CSV (no index) to ``path`` atomically."""
     return atomic_write(path, lambda p: frame.to_csv(p, index=False))

@@ -32,14 +32,16 @@ from typing import Any
 
 from regvi.errors import RegviError
 from regvi.outputs import atomic_write
+from regvi.run.layout import (
+    HISTORY_CSV,
+    JOB_SCRIPT,
+    LOG_DIR,
+    MANIFEST,
+    STATUS_FILE,
+    SUMMARY_CSV,
+    results_path,
+)
 
-MANIFEST = "manifest.json"
-JOB_SCRIPT = "job.sh"
-LOG_DIR = "logs"
-STATUS_FILE = ".regvi_status"
-SUMMARY_CSV = "summary.csv"
-RESULTS_FILE = "results.h5ad"
-HISTORY_FILE = "history.csv"
 TEMPLATE_NAME = "lsf_job.sh.template"
 
 # Environment handed from run_element to the element's `regvi train` (read by regvi.tracking).
@@ -138,20 +140,21 @@ def write_status(run_dir: str | Path, state: str, exit_code: int | None = None, 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
     """``{"state": ..., "exit_code": ...}``; ``pending`` when the element has not started.
 
-    ``finished`` also needs ``results.h5ad``; without a status file (a sweep from before status
-    files) an existing ``results.h5ad`` counts as finished.
+    ``finished`` also needs a results file (``results.h5ad`` or ``results.h5mu``, whichever
+    the run's model writes); without a status file (a sweep from before status files) an
+    existing results file counts as finished.
     """
     run_dir = Path(run_dir)
     try:
         status = json.loads((run_dir / STATUS_FILE).read_text())
     except FileNotFoundError:
-        if (run_dir / RESULTS_FILE).exists():
+        if results_path(run_dir) is not None:
             return {"state": "finished", "exit_code": 0}
         return {"state": "pending", "exit_code": None}
     except (OSError, ValueError):
         return {"state": "unknown", "exit_code": None}
-    if status.get("state") == "finished" and not (run_dir / RESULTS_FILE).exists():
-        status = {**status, "state": "failed", "note": f"no {RESULTS_FILE}"}
+    if status.get("state") == "finished" and results_path(run_dir) is None:
+        status = {**status, "state": "failed", "note": "no results file"}
     return status
 
 
@@ -371,7 +374,7 @@ def run_element(
         raise SweepError(f"element {index} is not in {sweep_dir / MANIFEST}")
     run_dir = Path(element["dir"])
     job_id = os.environ.get("LSB_JOBID")
-    if (run_dir / RESULTS_FILE).exists():
+    if results_path(run_dir) is not None:
         print(f"element {index} already finished: {run_dir}", flush=True)
         write_status(run_dir, "finished", 0, index=index, job_id=job_id)
         return 0
@@ -402,7 +405,7 @@ def run_element(
     except BaseException:
         write_status(run_dir, "failed", 1, index=index, job_id=job_id)
         raise
-    ok = code == 0 and (run_dir / RESULTS_FILE).exists()
+    ok = code == 0 and results_path(run_dir) is not None
     write_status(run_dir, "finished" if ok else "failed", code, index=index, job_id=job_id)
     return code if code else (0 if ok else 1)
 
@@ -545,7 +548,7 @@ def summarize(sweep_dir: str | Path):
         given = override_values(e.overrides)
         for k in columns:
             row[k] = given.get(k)
-        history = e.dir / HISTORY_FILE
+        history = e.dir / HISTORY_CSV
         if history.exists():
             try:
                 frame = pd.read_csv(history)

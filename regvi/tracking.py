@@ -9,8 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from regvi.run.layout import CSV_LOG_DIR, WANDB_ID_FILE
+
 log = logging.getLogger(__name__)
-WANDB_ID_FILE = "wandb_run_id"
 
 
 def _new_run_id() -> str:
@@ -19,10 +20,23 @@ def _new_run_id() -> str:
     return secrets.token_hex(4)
 
 
+#: Values of the ``WANDB_MODE`` environment variable that override ``logger.mode``
+#: (``dryrun`` is W&B's older name for offline).
+_ENV_MODES = {"disabled": "disabled", "offline": "offline", "dryrun": "offline"}
+
+
+def wandb_mode(configured: str) -> str:
+    """The W&B mode a run uses: ``WANDB_MODE=disabled`` or ``offline`` in the environment
+    wins over the configured ``logger.mode`` (as W&B users expect); otherwise ``configured``."""
+    return _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower(), configured)
+
+
 def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     """A Lightning logger for ``logger.name`` (``wandb`` | ``csv`` | ``none`` → False).
 
-    W&B runs ``offline`` unless ``logger.mode=online``; its files go to ``<run_dir>/wandb``.
+    W&B runs ``offline`` unless ``logger.mode=online``; ``WANDB_MODE=disabled`` or
+    ``offline`` in the environment wins (:func:`wandb_mode`). Its files go to
+    ``<run_dir>/wandb``.
     The whole resolved config is logged as hyperparameters. The W&B run id is kept in
     ``<run_dir>/wandb_run_id`` so a resumed run continues the same W&B run.
     """
@@ -32,7 +46,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if lcfg.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        logger = CSVLogger(save_dir=str(run_dir), name="csv_logs", version="")
+        logger = CSVLogger(save_dir=str(run_dir), name=CSV_LOG_DIR, version="")
     else:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -50,7 +64,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
             entity=lcfg.entity,
             group=lcfg.group or group,
             tags=list(lcfg.tags) or None,
-            mode=lcfg.mode,
+            mode=wandb_mode(lcfg.mode),
         )
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
@@ -62,7 +76,7 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     All runs of one sweep share a group named after the sweep; each run is named after its
     swept overrides (``model.n_latent=64 model.n_hidden=256``). An LSF array element gets both
     from its environment (set by ``regvi sweep run-element``); a local ``-m`` sweep from
-    Hydra's config. Outside Hydra (``regvi.workflow.train`` called directly) there is none.
+    Hydra's config. Outside Hydra (``regvi.run.train`` called directly) there is none.
     """
     from regvi import sweep
 

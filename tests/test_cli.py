@@ -206,7 +206,7 @@ def test_train_function_is_callable_without_cli(tmp_path):
     from omegaconf import OmegaConf
 
     from regvi.config import TrainConfig
-    from regvi.workflow import train
+    from regvi.run.pipeline import train
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.data.simulate.n_cells, cfg.data.simulate.n_genes = 200, 30
@@ -217,3 +217,147 @@ def test_train_function_is_callable_without_cli(tmp_path):
     first = ad.read_h5ad(out / "results.h5ad").obsm["X_regvi"]
     again = ad.read_h5ad(train(cfg, tmp_path / "run2") / "results.h5ad").obsm["X_regvi"]
     np.testing.assert_array_equal(first, again)  # same seed, same data: same latent
+
+
+# ------------------------------------------------------------------ every model, one pipeline
+MODELS = ["rna", "multimodal"]
+#: Per model: the group overrides, and the results file it writes.
+MODEL_ARGS = {"rna": ["model=rna"], "multimodal": ["model=multimodal", "data=multiome"]}
+RESULTS = {"rna": "results.h5ad", "multimodal": "results.h5mu"}
+
+
+def read_results(path: Path):
+    if path.suffix == ".h5mu":
+        import warnings
+
+        import mudata
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return mudata.read_h5mu(path)
+    return ad.read_h5ad(path)
+
+
+def write_dataset(model: str, path_stem: Path, n_cells: int = 300, n_genes: int = 40):
+    """Simulated cells with batches and cell types, written as .h5ad (rna) or .h5mu; returns
+    (path, the written object)."""
+    if model == "rna":
+        adata, _ = simulate(n_cells=n_cells, n_genes=n_genes, n_cell_types=3, n_batches=2, seed=0)
+        path = path_stem.with_suffix(".h5ad")
+        adata.write_h5ad(path)
+        return path, adata
+    import warnings
+
+    import mudata
+
+    from regvi.datasets import simulate_multiome
+
+    rna, atac, _ = simulate_multiome(
+        n_cells=n_cells, n_genes=n_genes, n_peaks=n_genes, n_cell_types=3, n_batches=2, seed=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mdata = mudata.MuData({"rna": rna, "atac": atac})
+        mdata.obs = rna.obs.copy()
+        path = path_stem.with_suffix(".h5mu")
+        mdata.write(path)
+    return path, mdata
+
+
+def reordered(model: str, data, drop: int = 0, unseen_batch: bool = False):
+    """``data`` with every modality's features in reverse order (minus the first ``drop`` of
+    that order), optionally with one cell in a batch the model never saw."""
+    import warnings
+
+    def flip(adata):
+        out = adata[:, adata.var_names[::-1][drop:]].copy()
+        if unseen_batch:
+            out.obs["batch"] = out.obs["batch"].astype(str)
+            out.obs.iloc[0, out.obs.columns.get_loc("batch")] = "batch_new"
+        return out
+
+    if model == "rna":
+        return flip(data)
+    import mudata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        new = mudata.MuData({m: flip(a) for m, a in data.mod.items()})
+        new.obs = flip(data.mod["rna"]).obs.copy()
+    return new
+
+
+def write_like(obj, path: Path) -> Path:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        obj.write(path) if path.suffix == ".h5mu" else obj.write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_train_evaluate_predict_for_every_model(tmp_path, model):
+    """One run of each model through the CLI: train (evaluate=true), `regvi evaluate`, and
+    `regvi predict` on the same cells with reordered features, plus its one-line errors."""
+    data_path, data = write_dataset(model, tmp_path / "cells")
+    run_dir = tmp_path / "run"
+    proc = run(
+        [
+            "train",
+            *MODEL_ARGS[model],
+            f"data.path={data_path}",
+            "covariates.batch_key=batch",
+            "data.labels_key=cell_type",
+            "data.batch_size=64",
+            "model.n_hidden=32",
+            "trainer.max_epochs=3",
+            "evaluate=true",
+            *FAST,
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in (RESULTS[model], "config.yaml", "checkpoints/last.ckpt", "model/model.json"):
+        assert (run_dir / name).exists(), name
+    results = read_results(run_dir / RESULTS[model])
+    latent = np.asarray(results.obsm["X_regvi"])
+    assert latent.shape[0] == 300 and np.isfinite(latent).all()
+
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = {"regvi"} if model == "rna" else {"regvi", "regvi_atac", "regvi_rna"}
+    assert set(metrics["metrics"]) == expected
+    if model == "multimodal":
+        shares = metrics["modality_attribution"]["mean_share"]
+        assert set(shares) == {"atac", "rna"}
+        for decoder, row in shares.items():
+            assert set(row) == {"atac", "rna"} and abs(sum(row.values()) - 1) < 1e-6, decoder
+        blocks = {"atac": (0, 10), "rna": (10, 30)}  # alphabetical blocks, default sizes
+        for m, (lo, hi) in blocks.items():
+            np.testing.assert_array_equal(results.obsm[f"X_regvi_{m}"], latent[:, lo:hi])
+    (run_dir / "metrics.json").unlink()
+    evaluated = run(["evaluate", str(run_dir), "--no-wandb"], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert set(json.loads((run_dir / "metrics.json").read_text())["metrics"]) == expected
+
+    new_path = write_like(reordered(model, data), tmp_path / f"new{data_path.suffix}")
+    predicted = run(
+        ["predict", str(run_dir), f"data.path={new_path}", "outputs.figures=false"], tmp_path
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    out = Path(predicted.stdout.strip().splitlines()[-1])
+    again = read_results(out / RESULTS[model])
+    np.testing.assert_allclose(again.obsm["X_regvi"], latent, rtol=1e-4, atol=1e-5)
+
+    fewer = write_like(reordered(model, data, drop=3), tmp_path / f"fewer{data_path.suffix}")
+    what = "genes" if model == "rna" else "'atac' features"  # modalities checked in order
+    proc = run(["predict", str(run_dir), f"data.path={fewer}"], tmp_path)
+    assert_one_line_error(proc, f"3 of the model's 40 {what} are missing")
+    unseen = write_like(
+        reordered(model, data, unseen_batch=True), tmp_path / f"unseen{data_path.suffix}"
+    )
+    proc = run(["predict", str(run_dir), f"data.path={unseen}"], tmp_path)
+    assert_one_line_error(proc, "'batch_new'", "batch")

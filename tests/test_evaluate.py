@@ -42,7 +42,7 @@ def regvi(args, cwd):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """600 simulated cells with 3 planted batches; a small model trained on them."""
-    from regvi.workflow import train
+    from regvi.run.pipeline import train
 
     root = tmp_path_factory.mktemp("evaluate")
     adata, _ = simulate(n_cells=600, n_genes=100, n_batches=3, seed=0)
@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
 
 
 def test_trained_model_mixes_batches_better_than_pca(trained):
-    from regvi.evaluate import evaluate_run
+    from regvi.run.evaluate import evaluate_run
 
     run, _, _ = trained
     long = evaluate_run(run, baseline="pca")
@@ -92,7 +92,7 @@ def test_trained_model_mixes_batches_better_than_pca(trained):
 
 
 def test_predict_reproduces_training_latent(trained, tmp_path):
-    from regvi.predict import predict
+    from regvi.run.predict import predict
 
     run, data, _ = trained
     expected = ad.read_h5ad(run / "results.h5ad").obsm["X_regvi"]
@@ -103,7 +103,7 @@ def test_predict_reproduces_training_latent(trained, tmp_path):
 
 
 def test_predict_shuffled_genes_and_errors(trained, tmp_path):
-    from regvi.predict import predict
+    from regvi.run.predict import predict
 
     run, _, adata = trained
     expected = ad.read_h5ad(run / "results.h5ad").obsm["X_regvi"]
@@ -139,7 +139,7 @@ def test_predict_shuffled_genes_and_errors(trained, tmp_path):
 
 
 def test_evaluate_errors(trained, tmp_path):
-    from regvi.evaluate import evaluate_run
+    from regvi.run.evaluate import evaluate_run
 
     run, _, _ = trained
     with pytest.raises(RegviError, match="unknown baseline 'umap'"):
@@ -185,7 +185,7 @@ def _marker_csv(tmp_path: Path) -> Path:
 
 
 def test_shipped_marker_list():
-    from regvi.evaluate import load_markers
+    from regvi.run.evaluate import load_markers
 
     table = load_markers()
     assert list(table.columns) == ["gene", "cell_type", "lineage", "category"]
@@ -197,7 +197,7 @@ def test_shipped_marker_list():
 def test_evaluate_logs_to_offline_wandb_run(trained, tmp_path):
     import shutil
 
-    from regvi.evaluate import evaluate_run
+    from regvi.run.evaluate import evaluate_run
 
     run, _, _ = trained
     copy = tmp_path / "run"

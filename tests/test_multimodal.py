@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from regvi import DataError, RegularizedMultimodalVI
 from regvi.config import validate_config
 from regvi.datasets import simulate_multiome
-from regvi.workflow_multimodal import model_arguments
+from regvi.run.multimodal import model_arguments
 
 from .conftest import shared_file
 

@@ -34,8 +34,28 @@ def checkpoint_epoch(path: Path) -> int:
         return -1
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
-    args = ["train", *SMALL, *FAST, "trainer.max_epochs=30", "trainer.checkpoint_min_interval_s=0"]
+#: Per model: overrides and the results file (the multimodal one on the simulated multiome).
+MODEL_ARGS = {"rna": [], "multimodal": ["model=multimodal", "data=multiome"]}
+RESULTS = {"rna": "results.h5ad", "multimodal": "results.h5mu"}
+
+
+def read_results(path: Path):
+    if path.suffix == ".h5mu":
+        import warnings
+
+        import mudata
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return mudata.read_h5mu(path)
+    return ad.read_h5ad(path)
+
+
+@pytest.mark.parametrize("model", ["rna", "multimodal"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, model):
+    args = ["train", *MODEL_ARGS[model], *SMALL, *FAST]
+    args += ["trainer.max_epochs=30", "trainer.checkpoint_min_interval_s=0"]
+    results_file = RESULTS[model]
     reference = run([*args, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
@@ -55,7 +75,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     proc.wait()
     killed_at = checkpoint_epoch(ckpt)
     assert 8 <= killed_at < 29
-    assert not (killed_dir / "results.h5ad").exists()
+    assert not (killed_dir / results_file).exists()
 
     # a plain rerun into the same directory is refused: it would throw the work away
     again = run([*args, f"hydra.run.dir={killed_dir}"], tmp_path)
@@ -70,9 +90,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert len(res_hist) == len(ref_hist) == 30
     for column in ("loss_train", "elbo_validation"):
         np.testing.assert_allclose(res_hist[column], ref_hist[column], rtol=1e-5)
-    ref = ad.read_h5ad(tmp_path / "ref" / "results.h5ad")
-    res = ad.read_h5ad(killed_dir / "results.h5ad")
-    assert res.shape == ref.shape and "regvi_normalized" in res.layers
+    ref = read_results(tmp_path / "ref" / results_file)
+    res = read_results(killed_dir / results_file)
+    assert res.shape == ref.shape
+    layers = res.layers if model == "rna" else res.mod["rna"].layers
+    assert "regvi_normalized" in layers
     np.testing.assert_allclose(res.obsm["X_regvi"], ref.obsm["X_regvi"], rtol=1e-4, atol=1e-5)
 
 
@@ -187,7 +209,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     from omegaconf import OmegaConf
 
     from regvi.config import TrainConfig
-    from regvi.workflow import resume, train
+    from regvi.run.pipeline import resume, train
 
     cfg = OmegaConf.structured(TrainConfig)
     cfg.data.simulate.n_cells, cfg.data.simulate.n_genes, cfg.data.batch_size = 200, 30, 64

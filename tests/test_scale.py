@@ -20,7 +20,8 @@ from regvi.errors import DataError
 from regvi.model import base
 from regvi.model.base import inference_batch_size
 from regvi.outputs import write_h5ad_atomic
-from regvi.workflow import load_input, train
+from regvi.run.pipeline import train
+from regvi.run.rna import load_input
 
 
 def test_streamed_normalized_layer_equals_in_memory_result(tmp_path, monkeypatch):

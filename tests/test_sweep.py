@@ -248,7 +248,7 @@ def test_wandb_group_and_run_name(tmp_path, monkeypatch):
 
     from regvi import tracking
 
-    # outside Hydra (regvi.workflow.train called directly): no group
+    # outside Hydra (regvi.run.train called directly): no group
     monkeypatch.delenv(sweep.ENV_SWEEP_NAME, raising=False)
     assert tracking.sweep_group_and_name() == (None, None)
 
@@ -293,3 +293,27 @@ def test_helpers():
     assert sweep.lsf_job_name("my sweep[1]") == "my_sweep_1_"
     # the template shipped in the plugin package is the one in jobs/
     assert sweep.template_path().read_text() == (REPO / "jobs" / "lsf_job.sh.template").read_text()
+
+
+@pytest.mark.parametrize(
+    ("model", "results"),
+    [(["model=rna"], "results.h5ad"), (["model=multimodal", "data=multiome"], "results.h5mu")],
+)
+def test_lsf_sweep_of_each_model_reports_every_element_finished(
+    tmp_path, fake_bsub, model, results
+):
+    """Whichever results file the model writes, `regvi sweep status` counts it as finished."""
+    env, _ = fake_bsub
+    proc = lsf_sweep(tmp_path, env, *model, "seed=0,1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = tmp_path / "sweep"
+    for i in range(2):
+        assert (sweep_dir / str(i) / results).exists()
+        assert (sweep_dir / str(i) / "config.yaml").exists()
+    status = cli("sweep", "status", sweep_dir)
+    assert status.exit_code == 0, status.output
+    assert "2 elements: 2 finished" in status.output
+    summary = cli("sweep", "summarize", sweep_dir)
+    assert summary.exit_code == 0, summary.output
+    table = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(table["status"]) == ["finished", "finished"] and "loss_train" in table

@@ -167,7 +167,7 @@ def _run_hydra(args: list[str]) -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def _task(cfg: DictConfig) -> None:
-        from regvi.workflow import train
+        from regvi.run.pipeline import train
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
@@ -217,7 +217,7 @@ def train_from_arguments(args: list[str]) -> None:
                     "resume=<run_dir> continues a run with its saved config; "
                     "give no other overrides or flags"
                 )
-            from regvi.workflow import resume
+            from regvi.run.pipeline import resume
 
             print(resume(Path(resume_dirs[0]).expanduser()), flush=True)
             return

@@ -65,7 +65,9 @@ def evaluate(
     debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
 ) -> None:
     """Integration metrics of a trained run (batch mixing, label conservation, graph
-    connectivity, neighbourhood marker correlation), optionally beside baselines.
+    connectivity, neighbourhood marker correlation), optionally beside baselines. For a
+    multimodal run: on the joint latent and on each modality's, with the modality attribution
+    summarised in metrics.json.
 
     Writes metrics.json, metrics.csv and figures/metrics.png, figures/umap_comparison.png into
     the run directory; prints the table.
@@ -75,7 +77,7 @@ def evaluate(
     if debug:
         os.environ["REGVI_DEBUG"] = "1"
     _setup_logging()
-    from regvi.evaluate import METRICS_CSV, evaluate_run, wide_table
+    from regvi.run.evaluate import METRICS_CSV, evaluate_run, wide_table
 
     try:
         long = evaluate_run(
@@ -106,16 +108,17 @@ def predict(
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
 ) -> None:
-    """Encode new cells with a trained model: regvi predict RUN_DIR data.path=new.h5ad
-    (optionally data.layer=counts, outputs.figures=false, seed=0). Writes results.h5ad (obsm X_regvi, X_umap,
+    """Encode new cells with a trained model: regvi predict RUN_DIR data.path=new.h5ad (an
+    RNA run) or data.path=new.h5mu (a multimodal run); optionally data.layer=counts (RNA),
+    outputs.figures=false, seed=0. Writes the run's results file (obsm X_regvi, X_umap,
     layer regvi_normalized), figures and a copy of the model; prints the output directory."""
     import os
 
     if debug:
         os.environ["REGVI_DEBUG"] = "1"
     _setup_logging()
-    from regvi.predict import parse_overrides
-    from regvi.predict import predict as run_predict
+    from regvi.run.predict import parse_overrides
+    from regvi.run.predict import predict as run_predict
 
     try:
         overrides = parse_overrides(list(ctx.args))

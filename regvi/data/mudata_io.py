@@ -32,6 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from regvi.data.counts import SparseCounts
+from regvi.data.features import match_features
 from regvi.data.io import count_matrix
 from regvi.data.loader import (
     CsrMinibatchDataset,
@@ -165,20 +166,9 @@ def modality_counts(mdata: Any, name: str, layer: str | None, cells: pd.Index) -
 
 
 def feature_aligned(adata: Any, feature_names: Sequence[str], modality: str) -> Any:
-    """``adata`` with its features in the model's order; missing features are an error."""
-    names = pd.Index(map(str, adata.var_names))
-    if list(names) == list(feature_names):
-        return adata
-    lacking = pd.Index(feature_names).difference(names)
-    if len(lacking) or not names.is_unique:
-        why = (
-            f"lacks {len(lacking)} of the model's {len(feature_names)} features "
-            f"(e.g. {', '.join(map(repr, list(lacking[:3])))})"
-            if len(lacking)
-            else "has duplicate feature names"
-        )
-        raise DataError(f"modality {modality!r} {why}")
-    return adata[:, list(feature_names)]
+    """``adata`` (one modality) with its features in the model's order; missing features are
+    an error (see :func:`regvi.data.features.match_features`)."""
+    return match_features(adata, feature_names, f"{modality!r} features")
 
 
 class MultiModalDataset(CsrMinibatchDataset):

@@ -24,10 +24,9 @@ from regvi.data.loader import (
 )
 from regvi.errors import DataError, RegviError
 from regvi.outputs import atomic_write
+from regvi.run.layout import MODEL_HISTORY, MODEL_METADATA, MODEL_WEIGHTS
 from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
 
-MODEL_WEIGHTS = "model.pt"
-MODEL_METADATA = "model.json"
 #: Layout of saved weights. 2: the first layer of every block stack (``InputLinear``) stores
 #: its weight as ``(in_features, out_features)``; 1 (no ``format`` key) stored it transposed,
 #: as ``nn.Linear`` does.
@@ -70,6 +69,12 @@ class BaseModel:
 
     module: torch.nn.Module
     init_params: dict[str, Any]
+    setup_: dict[str, Any]
+    #: ``uns`` key where the class's set-up method records its choices, the method's name,
+    #: and the attribute holding the model's default data (set by each subclass).
+    SETUP_KEY: str = ""
+    SETUP_METHOD: str = ""
+    DATA_ATTRIBUTE: str = ""
 
     def __init__(self) -> None:
         self.history_: pd.DataFrame | None = None
@@ -88,6 +93,30 @@ class BaseModel:
     @property
     def n_features(self) -> int:  # pragma: no cover
         raise NotImplementedError
+
+    def _restore(self, metadata: dict[str, Any]) -> None:  # pragma: no cover
+        """Set the attributes saved in ``metadata`` (covariate encoders, feature names)."""
+        raise NotImplementedError
+
+    def _module_for_loading(self) -> torch.nn.Module:  # pragma: no cover
+        """The module with placeholder data-driven parts, to load saved weights into."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- set-up
+    @classmethod
+    def _read_setup(cls, data: Any) -> dict[str, Any]:
+        """The set-up that :attr:`SETUP_METHOD` recorded in ``data.uns``."""
+        raw = data.uns.get(cls.SETUP_KEY)
+        if raw is None:
+            raise RegviError(
+                f"call {cls.__name__}.{cls.SETUP_METHOD}(...) before creating the model"
+            )
+        return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+    def _attach(self, data: Any) -> None:
+        """Make ``data`` the model's default data (validated lazily, on first use)."""
+        setattr(self, self.DATA_ATTRIBUTE, data)
+        self._data_cache = None
 
     # ---------------------------------------------------------------- training
     def train(
@@ -381,8 +410,33 @@ class BaseModel:
         )
         atomic_write(out / MODEL_METADATA, lambda p: p.write_text(json.dumps(meta, indent=1)))
         if self.history_ is not None:
-            atomic_write(out / "history.csv", lambda p: self.history_.to_csv(p, index=False))
+            atomic_write(out / MODEL_HISTORY, lambda p: self.history_.to_csv(p, index=False))
         return out
+
+    @classmethod
+    def _load(cls, dir_path: str | Path, data: Any = None) -> BaseModel:
+        """Rebuild a model saved by :meth:`save`; ``data`` (optional) becomes its default
+        data, validated against the saved features and category maps when used."""
+        meta, state = cls._read_saved(dir_path)
+        if meta.get("class") != cls.__name__:
+            raise RegviError(
+                f"{dir_path} holds a saved {meta.get('class')}, not {cls.__name__}; load it "
+                f"with regvi.{meta.get('class')}.load"
+            )
+        model = cls.__new__(cls)
+        BaseModel.__init__(model)
+        model.init_params = meta["init_params"]
+        model.setup_ = meta["setup"]
+        model.n_obs_training_ = meta.get("n_obs_training")
+        model._restore(meta)
+        model.module = model._module_for_loading()
+        model.module.load_state_dict(state)
+        model.module.eval()
+        model._attach(data)
+        model.is_trained_ = True
+        history = Path(dir_path) / MODEL_HISTORY
+        model.history_ = pd.read_csv(history) if history.exists() else None
+        return model
 
     @staticmethod
     def _read_saved(dir_path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -27,7 +27,7 @@ from regvi.data.mudata_io import (
 )
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
-from regvi.model.rna import DEFAULTS as SINGLE_MODALITY_DEFAULTS
+from regvi.model.defaults import MULTIMODAL_DEFAULTS, MULTIMODAL_FALLBACKS
 from regvi.module.base import monte_carlo
 from regvi.module.components import LibraryPrior
 from regvi.module.init import (
@@ -43,12 +43,8 @@ MODALITY_COVARIATE_ROLES = (*LIST_ROLES, *SINGLE_ROLES, "continuous_covariate_ke
 
 #: Every option may be one value for all modalities or a dict {modality: value}; modalities
 #: missing from a dict get the single-modality default (e.g. n_latent 10).
-FALLBACKS: dict[str, Any] = {**SINGLE_MODALITY_DEFAULTS, "library_sensitivity": 1.0}
-DEFAULTS: dict[str, Any] = {
-    **FALLBACKS,
-    "n_latent": {"rna": 20, "atac": 10},
-    "use_ambient": {"atac": False},  # background RNA only, as published
-}
+FALLBACKS = MULTIMODAL_FALLBACKS
+DEFAULTS = MULTIMODAL_DEFAULTS
 
 
 class RegularizedMultimodalVI(BaseModel):
@@ -84,12 +80,16 @@ class RegularizedMultimodalVI(BaseModel):
     :mod:`regvi.module.multimodal` (its terms are masked and its block is the prior).
     """
 
+    SETUP_KEY = SETUP_KEY
+    SETUP_METHOD = "setup_mudata"
+    DATA_ATTRIBUTE = "mdata"
+
     def __init__(self, mdata: Any, **kwargs: Any):
         super().__init__()
         unknown = set(kwargs) - set(DEFAULTS)
         if unknown:
             raise ConfigError(f"unknown model argument(s): {', '.join(sorted(unknown))}")
-        setup = _read_setup(mdata)
+        setup = self._read_setup(mdata)
         self.setup_ = setup
         self.modality_names = list(resolve_modalities(mdata, setup["modalities"]))
         for key, value in kwargs.items():
@@ -487,31 +487,26 @@ class RegularizedMultimodalVI(BaseModel):
             "covariates": {m: enc.to_dict() for m, enc in self.covariates.items()},
         }
 
-    @classmethod
-    def load(cls, dir_path: str | Path, mdata: Any = None) -> RegularizedMultimodalVI:
-        """Rebuild a saved model; ``mdata`` (optional) becomes its default data, validated
-        against the saved modalities, feature names and category maps."""
-        meta, state = cls._read_saved(dir_path)
-        if meta.get("class") != cls.__name__:
-            raise RegviError(f"{dir_path} holds a {meta.get('class')}, not a {cls.__name__}")
-        self = cls.__new__(cls)
-        BaseModel.__init__(self)
-        self.init_params, self.setup_ = meta["init_params"], meta["setup"]
-        self.modality_names, self.feature_names = meta["modality_names"], meta["feature_names"]
-        self.shared_covariates = CovariateEncoder.from_dict(meta["shared_covariates"])
-        self.covariates = {m: CovariateEncoder.from_dict(c) for m, c in meta["covariates"].items()}
-        self.n_obs_training_ = meta.get("n_obs_training")
+    def _restore(self, metadata: dict[str, Any]) -> None:
+        self.modality_names = metadata["modality_names"]
+        self.feature_names = metadata["feature_names"]
+        self.shared_covariates = CovariateEncoder.from_dict(metadata["shared_covariates"])
+        self.covariates = {
+            m: CovariateEncoder.from_dict(c) for m, c in metadata["covariates"].items()
+        }
+
+    def _module_for_loading(self) -> RegularizedMultimodalVAE:
         blank = {}
         for m in self.modality_names:
             groups = self.covariates[m].n_groups("library_size_key")
             blank[m] = {"prior": LibraryPrior(np.zeros(groups), np.ones(groups))}
-        self.module = self._build_module(blank)
-        self.module.load_state_dict(state)
-        self.module.eval()
-        self.mdata, self._data_cache, self.is_trained_ = mdata, None, True
-        saved_history = Path(dir_path) / "history.csv"
-        self.history_ = pd.read_csv(saved_history) if saved_history.exists() else None
-        return self
+        return self._build_module(blank)
+
+    @classmethod
+    def load(cls, dir_path: str | Path, mdata: Any = None) -> RegularizedMultimodalVI:
+        """Rebuild a saved model; ``mdata`` (optional) becomes its default data, validated
+        against the saved modalities, feature names and category maps."""
+        return cls._load(dir_path, mdata)
 
 
 class _ModalityProxy:
@@ -529,12 +524,3 @@ def _override(keys: CovariateKeys, roles: Mapping[str, Any]) -> CovariateKeys:
         for role, value in roles.items()
     }
     return replace(keys, **changes)
-
-
-def _read_setup(mdata: Any) -> dict[str, Any]:
-    raw = mdata.uns.get(SETUP_KEY)
-    if raw is None:
-        raise RegviError(
-            "call RegularizedMultimodalVI.setup_mudata(mdata, ...) before creating the model"
-        )
-    return json.loads(raw) if isinstance(raw, str) else dict(raw)

@@ -13,10 +13,12 @@ import scipy.sparse as sp
 import torch
 
 from regvi.data.covariates import CovariateEncoder, CovariateKeys
+from regvi.data.features import match_features
 from regvi.data.io import count_matrix
 from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
+from regvi.model.defaults import RNA_DEFAULTS
 from regvi.module.base import monte_carlo
 from regvi.module.components import LibraryPrior
 from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
@@ -24,39 +26,8 @@ from regvi.module.rna import RegularizedVAE
 
 SETUP_KEY = "regvi_setup"
 
-#: Constructor defaults (REFERENCE.md section 2.12 unless noted).
-DEFAULTS: dict[str, Any] = {
-    "n_latent": 10,
-    "n_hidden": 128,
-    "n_layers": 1,
-    "dropout_rate": 0.1,
-    "activation": "relu",
-    "use_ambient": True,
-    "regularise_ambient": False,
-    "ambient_prior_alpha": 1.0,
-    "ambient_prior_beta": 100.0,
-    "ambient_init_gene_fraction": 0.2,
-    "use_feature_scaling": True,
-    "feature_scaling_prior_alpha": 200.0,
-    "feature_scaling_prior_beta": 200.0,
-    "regularise_dispersion": True,
-    "dispersion_hyper_prior_mean": 1.0 / 3.0,
-    "dispersion_hyper_prior_alpha": 9.0,
-    # True: the proper KL (log-Jacobian included; current behaviour); False: the published
-    # objective. To be settled by a benchmark.
-    "dispersion_prior_jacobian": True,
-    "library_n_hidden": 16,
-    "library_log_vars_weight": 0.5,
-    "residual_library_encoder": True,
-    "library_w_prior_rate": 1.0,
-    "decoder_weight_l2": 0.1,
-    # architecture switches for ablations against scVI (docs/integration.md)
-    "scale_activation": "softplus",
-    "use_observed_library": False,
-    "encoder_input": "normalized",
-    "dropout_after_activation": False,
-    "norm": "layer",
-}
+#: Constructor defaults: the single source in :mod:`regvi.model.defaults`.
+DEFAULTS = RNA_DEFAULTS
 
 
 class AmbientRegularizedSCVI(BaseModel):
@@ -101,13 +72,17 @@ class AmbientRegularizedSCVI(BaseModel):
         global term, divided by N).
     """
 
+    SETUP_KEY = SETUP_KEY
+    SETUP_METHOD = "setup_anndata"
+    DATA_ATTRIBUTE = "adata"
+
     def __init__(self, adata: ad.AnnData, **kwargs: Any):
         super().__init__()
         unknown = set(kwargs) - set(DEFAULTS)
         if unknown:
             raise ConfigError(f"unknown model argument(s): {', '.join(sorted(unknown))}")
         self.init_params = {**DEFAULTS, **kwargs}
-        setup = _read_setup(adata)
+        setup = self._read_setup(adata)
         self.adata = adata
         self.setup_ = setup
         self.covariates = CovariateEncoder(CovariateKeys.resolve(**setup["covariates"]))
@@ -251,18 +226,7 @@ class AmbientRegularizedSCVI(BaseModel):
 
     def _encode(self, adata: ad.AnnData) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
         """Counts (genes reordered to the model's order) and covariate codes of ``adata``."""
-        names = pd.Index(map(str, adata.var_names))
-        if list(names) != self.gene_names:
-            missing = pd.Index(self.gene_names).difference(names)
-            if len(missing):
-                raise DataError(
-                    f"{len(missing)} of the model's {len(self.gene_names)} genes are missing from "
-                    f"the data (e.g. {', '.join(map(repr, list(missing[:5])))}); the data must "
-                    "contain every gene the model was trained on"
-                )
-            if not names.is_unique:
-                raise DataError("duplicate gene names in the data; make var_names unique")
-            adata = adata[:, self.gene_names]
+        adata = match_features(adata, self.gene_names, "genes")
         layer = self.setup_["layer"]
         return count_matrix(adata, layer), self.covariates.transform(adata.obs)
 
@@ -399,6 +363,14 @@ class AmbientRegularizedSCVI(BaseModel):
             "gene_names": self.gene_names,
         }
 
+    def _restore(self, metadata: dict[str, Any]) -> None:
+        self.covariates = CovariateEncoder.from_dict(metadata["covariates"])
+        self.gene_names = metadata["gene_names"]
+
+    def _module_for_loading(self) -> RegularizedVAE:
+        n_lib = self.covariates.n_groups("library_size_key")
+        return self._build_module(LibraryPrior(np.zeros(n_lib), np.ones(n_lib)))
+
     @classmethod
     def load(cls, dir_path: str | Path, adata: ad.AnnData | None = None) -> AmbientRegularizedSCVI:
         """Rebuild a saved model; ``adata`` (optional) becomes its default data.
@@ -406,33 +378,4 @@ class AmbientRegularizedSCVI(BaseModel):
         New data is validated against the saved gene names (reordered by name; missing genes
         are an error) and category maps (an unseen category is an error).
         """
-        meta, state = cls._read_saved(dir_path)
-        if meta.get("class") != cls.__name__:
-            raise RegviError(f"{dir_path} holds a {meta.get('class')}, not an {cls.__name__}")
-        model = cls.__new__(cls)
-        BaseModel.__init__(model)
-        model.init_params = meta["init_params"]
-        model.setup_ = meta["setup"]
-        model.covariates = CovariateEncoder.from_dict(meta["covariates"])
-        model.gene_names = meta["gene_names"]
-        model.n_obs_training_ = meta.get("n_obs_training")
-        n_lib = model.covariates.n_groups("library_size_key")
-        placeholder = LibraryPrior(np.zeros(n_lib), np.ones(n_lib))
-        model.module = model._build_module(placeholder)
-        model.module.load_state_dict(state)
-        model.module.eval()
-        model.adata = adata
-        model._data_cache = None
-        model.is_trained_ = True
-        history = Path(dir_path) / "history.csv"
-        model.history_ = pd.read_csv(history) if history.exists() else None
-        return model
-
-
-def _read_setup(adata: ad.AnnData) -> dict[str, Any]:
-    raw = adata.uns.get(SETUP_KEY)
-    if raw is None:
-        raise RegviError(
-            "call AmbientRegularizedSCVI.setup_anndata(adata, ...) before creating the model"
-        )
-    return json.loads(raw) if isinstance(raw, str) else dict(raw)
+        return cls._load(dir_path, adata)

@@ -1,8 +1,11 @@
-"""``regvi evaluate <run_dir>``: integration metrics of a trained run, optionally beside
-baselines (PCA of log-normalised counts, scvi-tools' SCVI), written as ``metrics.json``,
-``metrics.csv`` and figures into the run directory (and to W&B when the run used it).
+"""``regvi evaluate <run_dir>``: integration metrics of a trained run (either model),
+optionally beside baselines (PCA of log-normalised counts, scvi-tools' SCVI), written as
+``metrics.json``, ``metrics.csv`` and figures into the run directory (and to W&B when the run
+used it).
 
-The metrics themselves live in :mod:`regvi.metrics`.
+The metrics themselves live in :mod:`regvi.metrics`; what is measured in a run comes from
+its model's adapter (:meth:`regvi.run.adapter.ModelAdapter.evaluation_data`): the RNA
+model's latent, or the multimodal model's joint latent and each modality's block.
 """
 
 from __future__ import annotations
@@ -22,17 +25,14 @@ import scipy.sparse as sp
 
 from regvi import metrics
 from regvi.data.covariates import CovariateKeys
-from regvi.data.io import read_h5ad
 from regvi.errors import ConfigError, DataError, RegviError
-from regvi.outputs import FIGURES_DIR, MODEL_DIR, RESULTS_H5AD, atomic_write, write_csv_atomic
+from regvi.outputs import atomic_write, write_csv_atomic
+from regvi.run import layout
+from regvi.run.adapter import EvaluationData, adapter_for_class
+from regvi.run.layout import METRICS_CSV, METRICS_JSON, NEIGHBOURHOOD_CSV, SCIB_CSV
 
 log = logging.getLogger("regvi")
 
-LATENT_KEY = "X_regvi"
-METRICS_JSON = "metrics.json"
-METRICS_CSV = "metrics.csv"
-SCIB_CSV = "scib_metrics.csv"
-NEIGHBOURHOOD_CSV = "neighbourhood_correlation.csv.gz"
 BASELINES = ("pca", "scvi")
 BENCH_HINT = 'pip install "regvi[bench]"'
 MIN_MARKERS = 10
@@ -146,24 +146,29 @@ def scvi_embedding(
 
 
 # --------------------------------------------------------------------------- the run
-def _read_run(run_dir: Path) -> tuple[ad.AnnData, dict[str, Any]]:
+def _read_run(run_dir: Path) -> tuple[EvaluationData, dict[str, Any]]:
     if not run_dir.is_dir():
         raise DataError(f"run directory not found: {run_dir}")
-    results = run_dir / RESULTS_H5AD
-    meta_path = run_dir / MODEL_DIR / "model.json"
-    if not results.exists():
-        raise DataError(f"{run_dir} has no {RESULTS_H5AD}; is it a finished regvi train run?")
+    if layout.results_path(run_dir) is None:
+        names = " or ".join(layout.RESULTS_FILES.values())
+        raise DataError(f"{run_dir} has no {names}; is it a finished regvi train run?")
+    meta_path = run_dir / layout.MODEL_DIR / layout.MODEL_METADATA
     if not meta_path.exists():
-        raise DataError(f"{run_dir} has no {MODEL_DIR}/model.json; is it a regvi train run?")
-    adata = read_h5ad(results)
-    if LATENT_KEY not in adata.obsm:
-        raise DataError(f"{results} has no obsm[{LATENT_KEY!r}]")
-    return adata, json.loads(meta_path.read_text())
+        raise DataError(
+            f"{run_dir} has no {layout.MODEL_DIR}/{layout.MODEL_METADATA}; is it a regvi train run?"
+        )
+    meta = json.loads(meta_path.read_text())
+    adapter = adapter_for_class(meta.get("class", ""), meta_path)
+    if not (run_dir / adapter.results_file).exists():
+        raise DataError(
+            f"{run_dir} has no {adapter.results_file}; is it a finished regvi train run?"
+        )
+    return adapter.evaluation_data(run_dir, meta), meta
 
 
 def _run_config(run_dir: Path) -> Any:
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.exists():
+    path = layout.run_config_path(run_dir)
+    if path is None:
         return None
     from omegaconf import OmegaConf
 
@@ -199,8 +204,12 @@ def evaluate_run(
 ) -> pd.DataFrame:
     """Compute integration metrics of a ``regvi train`` run and write them into it.
 
-    Reads ``results.h5ad`` (``obsm["X_regvi"]``, counts, obs) and ``model/model.json`` (the
-    set-up: layer, labels key, covariate keys). Batch mixing is measured on the library key
+    Reads the results file (``obsm["X_regvi"]``, counts, obs) and ``model/model.json`` (the
+    model class and its set-up: layer, labels key, covariate keys). A multimodal run is
+    measured on its joint latent (``regvi``) and on each modality's block
+    (``regvi_<modality>``, on the cells measured in it); its marker genes come from the RNA
+    modality, and ``metrics.json`` also holds ``modality_attribution``: each decoder's mean
+    share of attribution per latent block. Batch mixing is measured on the library key
     (else the dataset key, else the first technical key); biological conservation on
     ``labels_key`` (default: the one the model was set up with). ``baseline`` adds ``"pca"``
     (log-normalised counts) and/or ``"scvi"`` (scvi-tools SCVI trained on the same counts and
@@ -212,21 +221,22 @@ def evaluate_run(
     ``figures/metrics.png`` + ``figures/umap_comparison.png``. Logs the table and figures to
     W&B: into ``logger`` when it is a WandbLogger (``regvi train`` with ``evaluate``), else
     to a new run (job type ``evaluate``) in the run's project/group when the run's
-    ``.hydra/config.yaml`` says ``logger.name=wandb`` and ``log_wandb`` is true.
+    ``config.yaml`` says ``logger.name=wandb`` and ``log_wandb`` is true.
 
     Returns the long metrics table.
     """
     run_dir = Path(run_dir)
-    adata, meta = _read_run(run_dir)
+    data, meta = _read_run(run_dir)
+    view = data.view
     setup = meta.get("setup", {})
-    keys = CovariateKeys(**meta["covariates"]["keys"]) if "covariates" in meta else None
+    keys = CovariateKeys(**data.covariate_keys) if data.covariate_keys else None
     if keys is None:
         keys = CovariateKeys.resolve(**setup.get("covariates", {}))
     labels_key = labels_key or setup.get("labels_key")
-    if labels_key and labels_key not in adata.obs.columns:
+    if labels_key and labels_key not in view.obs.columns:
         raise DataError(
-            f"labels column {labels_key!r} not found in {run_dir / RESULTS_H5AD}; available: "
-            f"{', '.join(map(str, adata.obs.columns[:20]))}"
+            f"labels column {labels_key!r} not found in the run's results; available: "
+            f"{', '.join(map(str, view.obs.columns[:20]))}"
         )
     baselines = _parse_baselines(baseline)
     batch_key, batch_role = _mixing_key(keys)
@@ -235,19 +245,17 @@ def evaluate_run(
         "dataset_key": keys.dataset_key,
         "technical_covariate_keys": list(keys.technical_covariate_keys),
     }
-    obs = adata.obs
-    if labels_key:
-        # unlabelled cells (NaN) take no part in label metrics
-        labelled = obs[labels_key].notna().to_numpy()
-    from regvi.data.io import count_matrix
-
-    counts = count_matrix(adata, setup.get("layer"))
+    obs = view.obs
+    n_cells = obs.shape[0]
+    # unlabelled cells (NaN) take no part in label metrics
+    labelled = obs[labels_key].notna().to_numpy() if labels_key else np.ones(n_cells, bool)
+    counts = data.counts
     lognorm = metrics.log_normalise(counts)
     marker_table = load_markers(markers)
-    marker_idx, marker_note = select_markers(adata.var_names, lognorm, marker_table)
+    marker_idx, marker_note = select_markers(data.var_names, lognorm, marker_table)
     marker_expr = lognorm[:, marker_idx]
 
-    embeddings: dict[str, np.ndarray] = {"regvi": np.asarray(adata.obsm[LATENT_KEY])}
+    embeddings: dict[str, np.ndarray] = dict(data.embeddings)
     for name in baselines:
         log.info("computing the %s baseline", name)
         if name == "pca":
@@ -267,8 +275,10 @@ def evaluate_run(
     tables = []
     per_cell_regvi = None
     for name, X in embeddings.items():
-        log.info("metrics of %s (%d cells x %d dims)", name, X.shape[0], X.shape[1])
-        sel = labelled if labels_key else slice(None)
+        # an embedding of one modality is measured on the cells measured in it
+        cells = data.cell_masks.get(name, np.ones(n_cells, bool))
+        log.info("metrics of %s (%d cells x %d dims)", name, int(cells.sum()), X.shape[1])
+        sel = labelled & cells
         table = metrics.integration_metrics(
             X[sel],
             obs[batch_key].to_numpy()[sel] if batch_key else None,
@@ -278,11 +288,11 @@ def evaluate_run(
             silhouette_max_cells=silhouette_max_cells,
             seed=seed,
         )
-        graph = metrics.knn_graph(X, n_neighbors, seed=seed)
+        graph = metrics.knn_graph(X[cells], n_neighbors, seed=seed)
         per_cell = metrics.neighbourhood_correlation(
-            marker_expr,
+            marker_expr[np.flatnonzero(cells)],
             graph.indices,
-            obs,
+            obs[cells],
             library_key=purpose["library_key"],
             dataset_key=purpose["dataset_key"],
             technical_keys=purpose["technical_covariate_keys"],
@@ -298,7 +308,7 @@ def evaluate_run(
 
     scib_table = None
     if scib:
-        scib_table = run_scib_benchmarker(adata, embeddings, batch_key, labels_key)
+        scib_table = run_scib_benchmarker(view, embeddings, batch_key, labels_key)
 
     written = _write_outputs(
         run_dir,
@@ -307,7 +317,8 @@ def evaluate_run(
         scib_table,
         info={
             "run_dir": str(run_dir),
-            "n_cells": int(adata.n_obs),
+            "model": meta.get("class"),
+            "n_cells": int(n_cells),
             "batch_key": batch_key,
             "batch_key_role": batch_role,
             "labels_key": labels_key,
@@ -321,16 +332,17 @@ def evaluate_run(
             "silhouette_max_cells": silhouette_max_cells,
             "max_queries": max_queries,
             "clustering": "KMeans with k = number of labels",
+            **data.info,
         },
     )
     figs: dict[str, Path] = {}
     if figures:
-        fig_dir = run_dir / FIGURES_DIR
+        fig_dir = run_dir / layout.FIGURES_DIR
         figs["metrics"] = plot_metrics(long, fig_dir / "metrics.png")
         keys_to_plot = [k for k in (batch_key, labels_key) if k]
         if keys_to_plot:
             figs["umap_comparison"] = plot_umaps(
-                adata, embeddings, keys_to_plot, fig_dir / "umap_comparison.png", seed
+                view, embeddings, keys_to_plot, fig_dir / "umap_comparison.png", seed
             )
     _log_wandb(run_dir, long, scib_table, figs, logger, log_wandb)
     log.info("metrics written to %s", written[METRICS_CSV])
@@ -482,8 +494,8 @@ def plot_umaps(
 
     coords = {}
     for name, X in embeddings.items():
-        if name == "regvi" and "X_umap" in adata.obsm:
-            coords[name] = np.asarray(adata.obsm["X_umap"])
+        if name == "regvi" and layout.UMAP_KEY in adata.obsm:
+            coords[name] = np.asarray(adata.obsm[layout.UMAP_KEY])
             continue
         work = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
         work.obsm["rep"] = np.asarray(X, dtype=np.float32)
@@ -547,8 +559,10 @@ def _log_wandb(
     if logger is not None and type(logger).__name__ == "WandbLogger":
         logger.experiment.log(payload)
         return
+    from regvi.tracking import wandb_mode
+
     cfg = _run_config(run_dir)
-    if cfg is None or cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+    if cfg is None or cfg.logger.name != "wandb" or wandb_mode(cfg.logger.mode) == "disabled":
         return
     lc = cfg.logger
     run = wandb.init(
@@ -557,7 +571,7 @@ def _log_wandb(
         group=lc.get("group"),
         name=f"{lc.get('run_name') or run_dir.name}-evaluate",
         dir=str(run_dir),
-        mode=lc.mode,
+        mode=wandb_mode(lc.mode),
         job_type="evaluate",
         reinit="finish_previous",
     )

@@ -1,0 +1,59 @@
+"""Every model option and its default, in one place (no torch here, so the config schema and
+the CLI can read it).
+
+:data:`RNA_DEFAULTS` are the constructor arguments of
+:class:`~regvi.model.AmbientRegularizedSCVI`; :data:`MULTIMODAL_DEFAULTS` those of
+:class:`~regvi.model.RegularizedMultimodalVI`, where a value may also be a dict
+``{modality: value}`` (modalities missing from it get :data:`MULTIMODAL_FALLBACKS`).
+The config schema's ``model`` section (:class:`regvi.config.ModelConfig`) is built from
+:data:`RNA_DEFAULTS`, and ``conf/model/*.yaml`` are checked against both by the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Constructor arguments of :class:`~regvi.model.AmbientRegularizedSCVI` and their defaults
+#: (REFERENCE.md section 2.12 unless noted).
+RNA_DEFAULTS: dict[str, Any] = {
+    "n_latent": 10,
+    "n_hidden": 128,
+    "n_layers": 1,
+    "dropout_rate": 0.1,
+    "activation": "relu",
+    "use_ambient": True,
+    "regularise_ambient": False,
+    "ambient_prior_alpha": 1.0,
+    "ambient_prior_beta": 100.0,
+    "ambient_init_gene_fraction": 0.2,
+    "use_feature_scaling": True,
+    "feature_scaling_prior_alpha": 200.0,
+    "feature_scaling_prior_beta": 200.0,
+    "regularise_dispersion": True,
+    "dispersion_hyper_prior_mean": 1.0 / 3.0,
+    "dispersion_hyper_prior_alpha": 9.0,
+    # True: the proper KL (log-Jacobian included; current behaviour); False: the published
+    # objective. To be settled by a benchmark.
+    "dispersion_prior_jacobian": True,
+    "library_n_hidden": 16,
+    "library_log_vars_weight": 0.5,
+    "residual_library_encoder": True,
+    "library_w_prior_rate": 1.0,
+    "decoder_weight_l2": 0.1,
+    # architecture switches for ablations against scVI (docs/integration.md)
+    "scale_activation": "softplus",
+    "use_observed_library": False,
+    "encoder_input": "normalized",
+    "dropout_after_activation": False,
+    "norm": "layer",
+}
+
+#: The multimodal model's options, each one value for every modality: the RNA model's plus
+#: the library prior centre multiplier.
+MULTIMODAL_FALLBACKS: dict[str, Any] = {**RNA_DEFAULTS, "library_sensitivity": 1.0}
+#: The multimodal model's defaults: where a dict, per modality (others get the fallback).
+MULTIMODAL_DEFAULTS: dict[str, Any] = {
+    **MULTIMODAL_FALLBACKS,
+    "n_latent": {"rna": 20, "atac": 10},
+    "use_ambient": {"atac": False},  # background RNA only, as published
+}

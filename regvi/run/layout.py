@@ -1,0 +1,97 @@
+"""The layout of a run directory: every file name regvi writes into one, and the keys of the
+results file. Nothing else in regvi spells these names; this module imports nothing heavy, so
+the quick CLI commands (``regvi sweep status``) can read it.
+
+A run directory (``regvi train``) holds::
+
+    config.yaml            the resolved, validated config (what ``resume=`` reads back)
+    checkpoints/last.ckpt  the latest training state, while the run is unfinished
+    model/                 model.pt (weights) and model.json (class, arguments, set-up)
+    history.csv            per-epoch metrics
+    figures/*.png          loss curves, UMAP, (multimodal) attribution; evaluation figures
+    results.h5ad | .h5mu   the input cells with the latents and normalized values (by model)
+    metrics.json, metrics.csv, neighbourhood_correlation.csv.gz   (``regvi evaluate``)
+    predict/<time>/        ``regvi predict`` outputs (a run directory of their own)
+    wandb/, wandb_run_id, csv_logs/   tracking
+    .hydra/                Hydra's copy of the composed config (CLI runs)
+    .regvi_status          state of a sweep element (``regvi sweep status``)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ----------------------------------------------------------------- files of a run directory
+RUN_CONFIG = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+#: The checkpoint file inside :data:`CHECKPOINT_DIR` (written by ``regvi.train``'s callback).
+LAST_CHECKPOINT = "last.ckpt"
+MODEL_DIR = "model"
+MODEL_WEIGHTS = "model.pt"
+MODEL_METADATA = "model.json"
+#: The model's own copy of its history, inside :data:`MODEL_DIR`.
+MODEL_HISTORY = "history.csv"
+HISTORY_CSV = "history.csv"
+FIGURES_DIR = "figures"
+RESULTS_H5AD = "results.h5ad"
+RESULTS_H5MU = "results.h5mu"
+#: The results file each model writes, by ``model.name``.
+RESULTS_FILES = {"rna": RESULTS_H5AD, "multimodal": RESULTS_H5MU}
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+SCIB_CSV = "scib_metrics.csv"
+NEIGHBOURHOOD_CSV = "neighbourhood_correlation.csv.gz"
+PREDICT_DIR = "predict"
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG = "config.yaml"
+WANDB_ID_FILE = "wandb_run_id"
+CSV_LOG_DIR = "csv_logs"
+STATUS_FILE = ".regvi_status"
+
+# ----------------------------------------------------------------- files of a sweep directory
+MANIFEST = "manifest.json"
+JOB_SCRIPT = "job.sh"
+LOG_DIR = "logs"
+SUMMARY_CSV = "summary.csv"
+
+# ----------------------------------------------------------------- keys in the results file
+#: obsm key of the joint latent (posterior mean of z).
+LATENT_KEY = "X_regvi"
+#: layer of the normalized (denoised) values.
+NORMALIZED_LAYER = "regvi_normalized"
+#: uns key holding the run's config as YAML.
+CONFIG_UNS_KEY = "regvi_config"
+UMAP_KEY = "X_umap"
+
+
+def modality_latent_key(modality: str) -> str:
+    """obsm key of one modality's block of the joint latent (``X_regvi_rna``)."""
+    return f"{LATENT_KEY}_{modality}"
+
+
+def measured_column(modality: str) -> str:
+    """obs column saying whether a cell was measured in ``modality``."""
+    return f"regvi_measured_{modality}"
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt``."""
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def results_path(run_dir: str | Path) -> Path | None:
+    """The results file in ``run_dir`` (whichever model wrote it), or None when there is none."""
+    for name in RESULTS_FILES.values():
+        path = Path(run_dir) / name
+        if path.exists():
+            return path
+    return None
+
+
+def run_config_path(run_dir: str | Path) -> Path | None:
+    """The saved config of a run: Hydra's ``.hydra/config.yaml`` (CLI runs), else
+    ``config.yaml`` (written by every run); None when neither exists."""
+    for path in (Path(run_dir) / HYDRA_DIR / HYDRA_CONFIG, Path(run_dir) / RUN_CONFIG):
+        if path.exists():
+            return path
+    return None
