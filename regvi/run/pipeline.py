@@ -50,7 +50,6 @@ def train_arguments(cfg: DictConfig, logger: Any = False) -> dict[str, Any]:
         "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val,
         "deterministic": t.deterministic,
-        "reuse_host_memory": t.reuse_host_memory,
         "split_seed": cfg.seed,
         "logger": logger,
         "enable_progress_bar": t.enable_progress_bar,
@@ -107,6 +106,8 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     """
     import lightning.pytorch as pl
 
+    from regvi.train.host_memory import reuse_host_memory
+
     cfg = validate_config(cfg)
     adapter = adapter_for(cfg.model.name)
     run_dir = Path(run_dir)
@@ -121,13 +122,16 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     if _resume_from is None:
         atomic_write(run_dir / layout.RUN_CONFIG, lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
     logger = tracking.make_logger(cfg, run_dir)
-    model.train(
-        **train_arguments(cfg, logger),
-        checkpoint_dir=run_dir / layout.CHECKPOINT_DIR,
-        checkpoint_every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
-        checkpoint_min_interval_s=cfg.trainer.checkpoint_min_interval_s,
-        resume_from=_resume_from,
-    )
+    # the allocator setting is process-wide: applied around this run's training only, and
+    # restored afterwards (a library call of model.train() leaves the allocator alone)
+    with reuse_host_memory(cfg.trainer.reuse_host_memory):
+        model.train(
+            **train_arguments(cfg, logger),
+            checkpoint_dir=run_dir / layout.CHECKPOINT_DIR,
+            checkpoint_every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
+            checkpoint_min_interval_s=cfg.trainer.checkpoint_min_interval_s,
+            resume_from=_resume_from,
+        )
     adapter.write_outputs(model, data, cfg, run_dir, logger, labels_key)
     if cfg.evaluate:
         from regvi.run.evaluate import evaluate_after_training
