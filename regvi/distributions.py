@@ -23,9 +23,8 @@ def exp(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     r""":math:`e^{s x}` for the large elementwise exponentials of a training step.
 
     On the CPU it is computed as :math:`2^{x\,s\log_2 e}`, a multiply and ``torch.exp2``:
-    on the 2-core AMD EPYC used for the benchmarks the two passes take 0.22 ms for 2M
-    numbers against 0.60 ms for ``torch.exp`` (whose CPU kernel is much slower than
-    ``exp2``'s there). Rounding
+    the two passes together take less time than ``torch.exp``, whose CPU kernel is much
+    slower than ``exp2``'s on the CPUs measured (see ``docs/performance.md``). Rounding
     :math:`x\log_2 e` costs accuracy in proportion to :math:`|x|`: relative error below
     :math:`10^{-6}` for :math:`|x| < 10`, :math:`4\cdot10^{-6}` over the whole float32 range
     (``torch.exp``: :math:`10^{-7}`). Elsewhere it is ``torch.exp``.
@@ -145,7 +144,7 @@ class _SparseGammaPoisson(torch.autograd.Function):
         # and free of cancellation in log θ - L when μ << θ
         log_ratio = torch.add(mu, eps).div_(theta).log1p_()
         # a product and a row sum: einsum lowers this to a batched matmul of 1 x G by G x 1
-        # blocks, four times slower on CPU
+        # blocks, much slower on CPU (docs/performance.md)
         dense = torch.linalg.vecdot(theta, log_ratio).neg_()
         # stored entries
         mu_x = mu.reshape(-1).index_select(0, flat_index)
@@ -252,8 +251,8 @@ def _stirling_tail(inv: torch.Tensor) -> torch.Tensor:
 
 def digamma_increment(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     r""":math:`\psi(\theta + x) - \psi(\theta)` for :math:`\theta > 0,\ x \ge 0`, accurate in
-    float32 for every :math:`\theta` and about three times faster than two ``torch.digamma``
-    calls on CPU (where digamma is not vectorised).
+    float32 for every :math:`\theta` and faster than two ``torch.digamma`` calls on CPU,
+    where digamma is not vectorised (see ``docs/performance.md``).
 
     Written as a difference throughout, so nothing cancels when :math:`\theta \gg x` (the
     difference of two digammas loses every digit there in float32: relative error 0.8 at
@@ -419,8 +418,8 @@ def closed_form_scalar(
     (dispersion KL and hyperprior, feature-scaling and ambient priors, the library weight's
     KL) are small functions of the parameters alone, evaluated every step. Through autograd
     each is a graph of a dozen or more nodes over small tensors, forward and backward, whose
-    fixed costs add up: leaving the terms out altogether made a batch-128 step 0.55 ms
-    (7%) shorter on the 2-core benchmark CPU. In closed form the value and the gradients
+    fixed costs add up to a noticeable share of a small-batch step (measured in
+    ``docs/performance.md``). In closed form the value and the gradients
     take a few elementwise passes and one node. Outside autograd (evaluation,
     ``torch.no_grad``) only the value is computed, and on the reference path
     (``REGVI_REFERENCE=1``, see :mod:`regvi.fastpath`) the value is differentiated by

@@ -151,8 +151,8 @@ def umap_connectivities(graph: KnnGraph) -> sp.csr_matrix:
     :math:`P = W + W^\top - W \circ W^\top`.
 
     The same graph as umap-learn's (float32 arithmetic as there), computed with vectorised
-    numpy: umap-learn's kernels are numba functions compiled again in every process, ~6 s on
-    a 2-core CPU, most of a default run's figure time.
+    numpy: umap-learn's kernels are numba functions compiled again in every process, which
+    took most of a default run's figure time (see ``docs/performance.md``).
     """
     n, k = graph.n_cells, graph.k
     if graph.indices.shape[0] != n or not np.array_equal(graph.queries, np.arange(n)):

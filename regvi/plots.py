@@ -186,7 +186,7 @@ def compute_umap(
 
     # scanpy's n_neighbors counts the cell itself; the graph is built here (exact kNN up to
     # metrics.APPROX_KNN_ABOVE cells) rather than by sc.pp.neighbors, whose umap-learn
-    # kernels are numba-compiled again in every process (~6 s; see umap_connectivities)
+    # kernels are numba-compiled again in every process (see umap_connectivities)
     n_neighbors = int(min(n_neighbors, adata.n_obs - 1))
     graph = metrics.knn_graph(rep, n_neighbors - 1, seed=seed)
     work = anndata.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str)))

@@ -216,7 +216,8 @@ class SparseCounts:
 
         Dropout maps zero to zero, so only the stored entries are drawn: the same
         distribution as dropout on the dense matrix, at a fraction of the random draws, and
-        by uniform draws and a comparison (``bernoulli_`` is about twice as slow on CPU).
+        by uniform draws and a comparison (``bernoulli_`` is slower on CPU, see
+        ``docs/performance.md``).
         The result is cached on this object, so every encoder reading this minibatch sees
         the same dropped-out input: one mask (and on accelerators one densification) per
         minibatch. Each encoder's input is still a proper dropout sample; only the masks of

@@ -9,8 +9,8 @@ Training fetches several minibatches at a time (``minibatches_per_fetch``): the 
 the DataLoader a list of index arrays, the data set answers with a list of minibatches cut from
 one gather, and the training plan takes one optimiser step per minibatch. The minibatches and
 their order are those of a one-at-a-time loader; what is saved is the fixed cost of each fetch
-(Lightning's per-batch loop and hooks, the DataLoader's iteration, the slicing calls), about
-0.4 ms, 5% of a step at batch 128 on the benchmark CPU.
+(Lightning's per-batch loop and hooks, the DataLoader's iteration, the slicing calls), a
+noticeable share of a small-batch CPU step (measured in ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from regvi.data.counts import SparseCounts
 from regvi.data.io import OnDiskCsrRows
 from regvi.errors import DataError
 
-#: a training fetch holds at most this many cells by default: its fixed cost (~0.4 ms on a
-#: CPU) is then under 1% of its steps at any batch size ...
+#: a training fetch holds at most this many cells by default: enough that its fixed cost is
+#: negligible against its steps at any batch size, few enough to keep the fetch small (the
+#: figures are in docs/performance.md) ...
 CELLS_PER_FETCH = 2048
 #: ... and at most this many stored entries (8 MB of CSR), so wide data sets do not hold
-#: many minibatches at once: at 20k genes and batch 128, 16 a fetch held 75 MB (peak RSS
-#: +40 MB) to save 4% of a 39 ms step
+#: many minibatches at once: on wide data a step is long, the fixed cost saved is a small
+#: share of it, and holding many minibatches costs tens of MB of peak memory (figures in
+#: docs/performance.md)
 ENTRIES_PER_FETCH = 2**20
 
 
@@ -98,8 +100,9 @@ class CsrMinibatchDataset(Dataset):
     def minibatches(self, index_arrays: list[np.ndarray]) -> list[dict[str, Any]]:
         """One minibatch for each index array (each in ascending cell order).
 
-        In memory, all of them are cut from one gather of their concatenated rows, which
-        halves the per-minibatch cost of slicing at batch 128. From an on-disk matrix the
+        In memory, all of them are cut from one gather of their concatenated rows: one
+        fancy-indexing call per fetch instead of one per minibatch, whose fixed cost
+        dominates at small batches. From an on-disk matrix the
         fetch's rows are read in one pass (in file order: one read per run of consecutive
         cells), and each minibatch's rows are taken from that in memory."""
         sorted_arrays = [np.sort(np.asarray(a, dtype=np.int64)) for a in index_arrays]

@@ -93,8 +93,8 @@ class _AntitheticNormalRows(torch.autograd.Function):
     The draws are made in the permuted row order, where the pairs are the first and second
     halves (contiguous slices, as cheap as pairing by position), and put back in row order
     with one gather; the backward gathers the upstream rows into the permuted order likewise.
-    Gathers, not scatters: ``index_copy_`` of half the rows took three times as long as
-    ``index_select`` of all of them on the benchmark CPU."""
+    Gathers, not scatters: ``index_copy_`` of half the rows took longer than
+    ``index_select`` of all of them on the CPU (see ``docs/performance.md``)."""
 
     @staticmethod
     def forward(ctx, mean, scale, codes):

@@ -2,10 +2,9 @@
 
 PyTorch's CPU builds multiply float32 matrices with MKL. On AMD CPUs MKL takes its AVX2 code
 path even where the CPU has AVX-512, while oneDNN (also part of every x86 PyTorch build)
-chooses its kernels by instruction set. On the 2-core AMD EPYC (Zen 5) benchmark machine,
-oneDNN computes the decoder's output layer (128 x 2000 weights) 2.1-2.3x faster than MKL in
-all three of its products at batch 128 and 1024 (forward 168 vs 354 us at batch 128; the
-input and weight gradients alike), in IEEE float32 like MKL.
+chooses its kernels by instruction set, so on such CPUs oneDNN computes the decoder's
+output layer faster than MKL in all three of its products (forward, input and weight
+gradients), in IEEE float32 like MKL (measurements in ``docs/performance.md``).
 
 :func:`linear` is ``F.linear`` with that routing: a product with at least
 :data:`ONEDNN_MIN_MACS` multiply-adds, on float32 CPU tensors, outside autocast, goes through
@@ -34,8 +33,10 @@ from regvi import autograd, fastpath
 
 #: products smaller than this many multiply-adds stay on MKL. oneDNN generates a kernel per
 #: operand shape and holds ~8 MB of its own (measured as peak memory on the 1000-cell multiome
-#: benchmark), and below ~2M multiply-adds its fixed cost per call (~8 us) exceeds its gain;
-#: from 2**24 on (batch 128 x 128 hidden x 1000 features) the gain is 0.1 ms a product or more
+#: benchmark), and it has a fixed cost per call that small products do not repay. The value
+#: (batch 128 x 128 hidden x 1000 features) sits well above the break-even size, so the
+#: products routed to oneDNN gain clearly and the small ones neither pay the fixed cost nor
+#: add kernels; the numbers are in docs/performance.md.
 ONEDNN_MIN_MACS = 2**24
 
 

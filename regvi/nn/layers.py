@@ -44,9 +44,10 @@ def make_activation(name: str) -> nn.Module:
 
 
 #: Below this many cells x features a minibatch's first layer is a dense GEMM on the CPU too:
-#: the sparse path's fixed cost (a CSC conversion, two kernel launches) is ~40 us. Measured
-#: at batch 128 (forward and backward): dense wins at 45 features (0.09 vs 0.14 ms), they tie
-#: at 174, sparse wins from 300 on (0.18 vs 0.22 ms; 0.31 vs 0.55 ms at 1000).
+#: the sparse path has a fixed cost per call (a CSC conversion, two kernel launches) that the
+#: dense GEMM does not, so dense wins for narrow inputs and sparse for wide ones. The value
+#: (batch 128 x 128 features) sits a little below the measured crossover, where the two paths
+#: cost about the same; the measurements are in docs/performance.md.
 SPARSE_INPUT_MIN_ELEMENTS = 128 * 128
 
 
@@ -65,16 +66,15 @@ def sparse_input_linear(
     entries. No dense ``cells x features`` buffer is made (82 MB at 1024 cells x 20000
     features).
 
-    On a 2-core CPU (128 hidden units) a training step at batch 128 is 4-6% faster than with
-    densifying and a dense GEMM on real data (7% density at 1000 genes, 12% at 12000 genes)
-    and as fast at 23% density (the simulator); a sparse CSR matmul (MKL) for the weight
-    gradient was 3.5-5x slower than the embedding-bag form. On GPUs the dense GEMM is kept
-    (:class:`FCLayers` chooses).
+    On the CPU this beats densifying and a dense GEMM at the densities of real data, where
+    most entries are zero, and a sparse CSR matmul (MKL) for the weight gradient was slower
+    than the embedding-bag form (measurements in docs/performance.md). On GPUs the dense
+    GEMM is kept (:class:`FCLayers` chooses).
     """
     if torch.is_grad_enabled() and weight.requires_grad:
         # The backward's CSC order, made now while the entries are in cache: at the end of
-        # the backward the conversion ran 1.5-2.5x slower (2.3 vs 1.2 ms a step at batch
-        # 1024, 2000 genes).
+        # the backward they have been evicted and the conversion runs slower (see
+        # docs/performance.md).
         counts.transpose()
     return autograd.apply(_SparseInputLinear, counts.values, weight, bias, counts)
 

@@ -55,9 +55,9 @@ class EpochCheckpoint(pl.Callback):
     the previous checkpoint intact. Put it last in the callback list so the checkpoint
     holds the other callbacks' state for the finished epoch.
 
-    The time floor bounds the cost on small data, where an epoch takes well under a
-    second: a write takes ~7 ms, 7% of an epoch of the built-in data set, while a kill
-    loses at most ``min_interval_s`` seconds of training either way.
+    The time floor bounds the cost on small data, where epochs are short and a write every
+    epoch would be a noticeable share of the training time (see ``docs/performance.md``),
+    while a kill loses at most ``min_interval_s`` seconds of training either way.
     """
 
     def __init__(self, dirpath: str | Path, every_n_epochs: int = 1, min_interval_s: float = 0):
@@ -103,8 +103,9 @@ class EpochCheckpoint(pl.Callback):
 class ThrottledProgressBar(TQDMProgressBar):
     """Lightning's tqdm progress bar, redrawn at most every ``min_interval`` seconds.
 
-    The stock bar redraws after every batch, ~0.4 ms a step (4% of a batch-128 step on a CPU);
-    the counts shown are the same, only redrawn less often (and always at an epoch's end).
+    The stock bar redraws after every batch, a fixed cost per step that is a noticeable share
+    of a small CPU step (see ``docs/performance.md``); the counts shown are the same, only
+    redrawn less often (and always at an epoch's end).
     """
 
     def __init__(self, min_interval: float = 0.25):

@@ -3,15 +3,14 @@
 A training step allocates and frees the same cells x features buffers every step. glibc
 serves blocks above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns them
 with ``munmap`` on free, so every such buffer is page-faulted and zero-filled by the kernel
-again on every step: at 20k genes and batch 1024 (80 MB per buffer) that was more than half
-of the step time (942 ms vs 411 ms a step measured on a 2-core CPU). Inside
-:func:`reuse_host_memory` malloc takes large blocks from the heap and keeps freed memory
-there, so the buffers of one step are reused by the next. Smaller buffers suffer too: heap
-memory freed at the top beyond glibc's (dynamic) trim threshold is returned to the kernel, and
-at a few MB a buffer (2k genes at batch 1024, 20k genes at batch 128) that meant 3,000-18,000
-page faults a step and 5-25% of the step time, varying from run to run. On exit the previous
-settings are restored and the unused heap is returned to the system. Elsewhere (macOS, musl,
-Windows) it does nothing.
+again on every step: at 20k genes and batch 1024 (80 MB per buffer) that dominated the step
+time. Inside :func:`reuse_host_memory` malloc takes large blocks from the heap and keeps freed
+memory there, so the buffers of one step are reused by the next. Smaller buffers suffer too:
+heap memory freed at the top beyond glibc's (dynamic) trim threshold is returned to the
+kernel, and at a few MB a buffer (2k genes at batch 1024, 20k genes at batch 128) that meant
+thousands of page faults a step, their cost varying from run to run (the measurements are in
+``docs/performance.md``). On exit the previous settings are restored and the unused heap is
+returned to the system. Elsewhere (macOS, musl, Windows) it does nothing.
 
 It changes the whole process's allocator, so the library's ``train()`` does not apply it:
 the command-line run wraps training in it (``trainer.reuse_host_memory``), and a script

@@ -19,9 +19,9 @@ class FusedAdam(torch.optim.Adam):
 
     ``torch.optim.Adam.step`` rebuilds its lists of parameters, gradients and moment
     buffers and regroups them by device and dtype at every step before one fused kernel
-    updates them all. Measured inside a batch-128 training step on the 2-core benchmark
-    CPU, that bookkeeping took 210 us against 170 us for the kernel: the parameters'
-    Python objects are out of cache by then. Here the lists of parameters, moments and step
+    updates them all. Inside a training step that bookkeeping takes longer than the kernel
+    itself (the parameters' Python objects are out of cache by then; figures in
+    ``docs/performance.md``). Here the lists of parameters, moments and step
     counts are built once (after the first step has initialised the state, through torch's
     own ``step``), and each step gathers the gradients and calls the kernel,
 

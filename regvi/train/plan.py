@@ -68,7 +68,8 @@ class TrainingPlan(pl.LightningModule):
         self._checked_through = -1  # the last step whose loss terms were checked finite
         self._trainable: list[torch.nn.Parameter] = []  # the optimiser's parameters
         # One step is zero_grad, backward, (clip), step, done here: Lightning's automatic
-        # optimisation wraps the same calls in a closure and a dozen hooks, ~0.5 ms a step.
+        # optimisation wraps the same calls in a closure and a dozen hooks, a fixed cost every
+        # step (docs/performance.md).
         self.automatic_optimization = False
         self.gradient_clip_val = gradient_clip_val
         self.module = module
@@ -138,7 +139,7 @@ class TrainingPlan(pl.LightningModule):
         finite sum vouches for every step added since the last check, and the non-finite
         entries name the terms, with no per-step flags to keep. When every step is checked
         (the CPU default), the step's loss alone is (see :meth:`_check_finite`): one number
-        read, where the sums take a reduction and a read (~50 us a step, batch 128)."""
+        read, where the sums take a reduction and a read, a fixed cost on every step."""
         every = self._check_every()
         if every == 1:
             self._check_finite(output, "training")
@@ -157,9 +158,10 @@ class TrainingPlan(pl.LightningModule):
         self._raise_non_finite("training", when, bad)
 
     # ------------------------------------------------------------------ metrics
-    # Lightning's ``self.log`` costs ~0.5 ms a call; a dozen terms a step made logging a third
-    # of the step time. Terms are instead summed on the device (one stack + add per step) and
-    # logged once per epoch; the progress bar gets the loss every step.
+    # Lightning's ``self.log`` has a large fixed cost per call, and with a dozen terms a step
+    # logging took a large share of a small step (docs/performance.md). Terms are instead
+    # summed on the device (one stack + add per step) and logged once per epoch; the progress
+    # bar gets the loss every step.
     def _accumulate(self, output, stage: str, batch_size: int) -> None:
         """Add the step's terms to the epoch sums (on the device)."""
         values = torch.stack([output.loss, output.elbo, *output.terms.values()]).detach()
@@ -198,8 +200,9 @@ class TrainingPlan(pl.LightningModule):
         """Hand epoch means to the callbacks (``trainer.callback_metrics``, read by the
         history and early stopping) and to the loggers (at the optimiser step, with the
         epoch), as ``self.log(..., on_epoch=True)`` would. ``self.log`` re-walks every value
-        already logged in the epoch on each call: logging 25 (RNA) to 45 (multimodal) terms
-        that way took 5-9 ms an epoch, a fifth of a small multimodal data set's epoch."""
+        already logged in the epoch on each call, so logging 25 (RNA) to 45 (multimodal) terms
+        that way costs time quadratic in their number, noticeable on small data sets (see
+        ``docs/performance.md``)."""
         trainer = self.trainer
         trainer.callback_metrics.update({name: torch.tensor(v) for name, v in metrics.items()})
         for logger in trainer.loggers:
@@ -242,7 +245,7 @@ class TrainingPlan(pl.LightningModule):
         self, optimizer: Any, minibatch: dict[str, Any], last: bool
     ) -> torch.Tensor:
         output = self.module.loss(minibatch, self.n_obs_training, self.kl_weight)
-        # what optimizer.zero_grad(set_to_none=True) does, without its wrappers (~60 us)
+        # what optimizer.zero_grad(set_to_none=True) does, without its wrappers' per-step cost
         for parameter in self._trainable:
             parameter.grad = None
         self.manual_backward(output.loss)
@@ -273,7 +276,8 @@ class TrainingPlan(pl.LightningModule):
     ) -> list[dict[str, Any]]:
         """Flat dicts of tensors and :class:`~regvi.data.counts.SparseCounts`: moved value by
         value (asynchronously from pinned memory), without Lightning's generic collection
-        walk, which costs ~0.7 ms a step; nothing to do on the CPU."""
+        walk, a fixed cost every step (see ``docs/performance.md``); nothing to do on the
+        CPU."""
         if device.type == "cpu":
             return minibatches
         return [
