@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pandas as pd
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-LAST_CHECKPOINT = "last.ckpt"
+from regvi.run.layout import LAST_CHECKPOINT
 
 
 class HistoryCallback(pl.Callback):
