@@ -21,3 +21,24 @@ def shared_file(name: str) -> Path:
             pytest.fail(f"real data {path} is missing in CI")
         pytest.skip(f"real data {path} not available")
     return path
+
+
+#: Per model: the config-group overrides of a run, and the results file it writes (the
+#: multimodal one on the simulated multiome).
+MODEL_ARGS = {"rna": ["model=rna"], "multimodal": ["model=multimodal", "data=multiome"]}
+RESULTS = {"rna": "results.h5ad", "multimodal": "results.h5mu"}
+
+
+def read_results(path: Path):
+    """A run's results file: AnnData (.h5ad) or MuData (.h5mu)."""
+    if path.suffix == ".h5mu":
+        import warnings
+
+        import mudata
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return mudata.read_h5mu(path)
+    import anndata as ad
+
+    return ad.read_h5ad(path)

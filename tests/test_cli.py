@@ -15,7 +15,7 @@ import scanpy as sc
 
 from regvi.datasets import simulate
 
-from .conftest import shared_file
+from .conftest import MODEL_ARGS, RESULTS, read_results, shared_file
 
 REGVI = [sys.executable, "-m", "regvi.cli.app"]
 FAST = ["logger=none", "trainer.enable_progress_bar=false"]
@@ -221,21 +221,6 @@ def test_train_function_is_callable_without_cli(tmp_path):
 
 # ------------------------------------------------------------------ every model, one pipeline
 MODELS = ["rna", "multimodal"]
-#: Per model: the group overrides, and the results file it writes.
-MODEL_ARGS = {"rna": ["model=rna"], "multimodal": ["model=multimodal", "data=multiome"]}
-RESULTS = {"rna": "results.h5ad", "multimodal": "results.h5mu"}
-
-
-def read_results(path: Path):
-    if path.suffix == ".h5mu":
-        import warnings
-
-        import mudata
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return mudata.read_h5mu(path)
-    return ad.read_h5ad(path)
 
 
 def write_dataset(model: str, path_stem: Path, n_cells: int = 300, n_genes: int = 40):

@@ -7,7 +7,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 from regvi.datasets import simulate
 
+from .conftest import MODEL_ARGS, RESULTS, read_results
 from .test_cli import FAST, REGVI, assert_one_line_error, run
 
 SMALL = [
@@ -32,23 +32,6 @@ def checkpoint_epoch(path: Path) -> int:
         return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
     except Exception:  # not written yet
         return -1
-
-
-#: Per model: overrides and the results file (the multimodal one on the simulated multiome).
-MODEL_ARGS = {"rna": [], "multimodal": ["model=multimodal", "data=multiome"]}
-RESULTS = {"rna": "results.h5ad", "multimodal": "results.h5mu"}
-
-
-def read_results(path: Path):
-    if path.suffix == ".h5mu":
-        import warnings
-
-        import mudata
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return mudata.read_h5mu(path)
-    return ad.read_h5ad(path)
 
 
 @pytest.mark.parametrize("model", ["rna", "multimodal"])
