@@ -52,6 +52,30 @@ class ModelAdapter:
     name: str = ""
     results_file: str = ""
 
+    # ------------------------------------------------ output steps every model shares
+    @staticmethod
+    def figures_dir_with_loss_curves(model: Any, run_dir: Path) -> tuple[Path, dict[str, Path]]:
+        """``figures/`` of the run (created) and the loss-curve figure drawn into it."""
+        from regvi import plots
+        from regvi.run import layout
+
+        fig_dir = run_dir / layout.FIGURES_DIR
+        fig_dir.mkdir(exist_ok=True)
+        return fig_dir, {
+            "loss_curves": plots.plot_loss_curves(model.history, fig_dir / "loss_curves.png")
+        }
+
+    @staticmethod
+    def save_model_and_history(model: Any, run_dir: Path) -> dict[str, Path]:
+        """``model/`` and ``history.csv`` of the trained model, each written atomically."""
+        from regvi.outputs import write_csv_atomic
+        from regvi.run import layout
+
+        return {
+            "model": model.save(run_dir / layout.MODEL_DIR, overwrite=True),
+            "history": write_csv_atomic(model.history, run_dir / layout.HISTORY_CSV),
+        }
+
     def load_data(self, cfg: Any) -> Any:
         """The input cells: ``data.path`` or, when null, a built-in simulated dataset."""
         raise NotImplementedError

@@ -147,7 +147,7 @@ class MultimodalAdapter(ModelAdapter):
 
         from regvi import plots
         from regvi.attribution import attribution_obs_columns
-        from regvi.outputs import write_csv_atomic, write_h5mu_atomic
+        from regvi.outputs import write_h5mu_atomic
 
         mdata = data
         o = cfg.outputs
@@ -189,11 +189,8 @@ class MultimodalAdapter(ModelAdapter):
         for col, values in attribution_obs_columns(table).items():
             mdata.obs[col] = values.to_numpy()
         if o.figures:
-            fig_dir = run_dir / layout.FIGURES_DIR
-            fig_dir.mkdir(exist_ok=True)
-            written["loss_curves"] = plots.plot_loss_curves(
-                model.history, fig_dir / "loss_curves.png"
-            )
+            fig_dir, curves = self.figures_dir_with_loss_curves(model, run_dir)
+            written.update(curves)
             view = ad.AnnData(obs=mdata.obs.copy())
             view.obsm[layout.LATENT_KEY] = joint
             mdata.obsm[layout.UMAP_KEY] = plots.compute_umap(
@@ -209,8 +206,7 @@ class MultimodalAdapter(ModelAdapter):
                 view, fig_dir / "attribution.png"
             )
         figures = dict(written)
-        written["model"] = model.save(run_dir / layout.MODEL_DIR, overwrite=True)
-        written["history"] = write_csv_atomic(model.history, run_dir / layout.HISTORY_CSV)
+        written.update(self.save_model_and_history(model, run_dir))
         mdata.uns[layout.CONFIG_UNS_KEY] = OmegaConf.to_yaml(cfg)
         written["results"] = write_h5mu_atomic(mdata, run_dir / self.results_file, streamed)
         tracking.log_figures(logger, figures)

@@ -95,7 +95,7 @@ class RnaAdapter(ModelAdapter):
         from tqdm.auto import tqdm
 
         from regvi import plots
-        from regvi.outputs import write_csv_atomic, write_h5ad_atomic
+        from regvi.outputs import write_h5ad_atomic
 
         adata = data
         o = cfg.outputs
@@ -123,11 +123,8 @@ class RnaAdapter(ModelAdapter):
 
                 streamed[layout.NORMALIZED_LAYER] = fill
             elif step == "UMAP + figures" and o.figures:
-                fig_dir = run_dir / layout.FIGURES_DIR
-                fig_dir.mkdir(exist_ok=True)
-                figures["loss_curves"] = plots.plot_loss_curves(
-                    model.history, fig_dir / "loss_curves.png"
-                )
+                fig_dir, curves = self.figures_dir_with_loss_curves(model, run_dir)
+                figures.update(curves)
                 plots.compute_umap(adata, use_rep=layout.LATENT_KEY, seed=cfg.seed)
                 keys = [k for k in (model.covariates.keys.library_key, labels_key) if k]
                 figures["umap"] = plots.plot_embedding(
@@ -135,8 +132,7 @@ class RnaAdapter(ModelAdapter):
                 )
                 written.update(figures)
             elif step == "model":
-                written["model"] = model.save(run_dir / layout.MODEL_DIR, overwrite=True)
-                written["history"] = write_csv_atomic(model.history, run_dir / layout.HISTORY_CSV)
+                written.update(self.save_model_and_history(model, run_dir))
             elif step == self.results_file:
                 adata.uns[layout.CONFIG_UNS_KEY] = OmegaConf.to_yaml(cfg)
                 target = adata
