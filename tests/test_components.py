@@ -308,12 +308,24 @@ def _reference_penalties(part, jacobian=True):
 
     d, lib, scaling, ambient = part.dispersion, part.library, part.feature_scaling, part.ambient
     rate = nn.functional.softplus(d.rate_raw)
-    kl = kl_log_theta_inverse_sqrt_exponential(
-        d.log_theta_mean, d.log_theta_log_sigma, rate[:, None], jacobian=jacobian
+    contained = (
+        (d.centre_mean, d.centre_log_sigma)
+        if d.pooled
+        else (d.log_theta_mean, d.log_theta_log_sigma)
     )
+    kl = kl_log_theta_inverse_sqrt_exponential(*contained, rate[:, None], jacobian=jacobian).sum()
+    if d.pooled:  # offsets δ_dg ~ N(0, τ²), written out
+        tau_sq = torch.exp(2.0 * d.log_pool_scale)
+        var_q = torch.exp(2.0 * d.offset_log_sigma)
+        kl = (
+            kl
+            + (
+                0.5 * torch.log(tau_sq / var_q) + (var_q + d.offset_mean**2) / (2.0 * tau_sq) - 0.5
+            ).sum()
+        )
     factors = nn.functional.softplus(scaling.raw) / FEATURE_SCALING_DIVISOR
     return {
-        "dispersion_penalty": kl.sum() - gamma_log_prob(rate, d.hyper_alpha, d.hyper_beta).sum(),
+        "dispersion_penalty": kl - gamma_log_prob(rate, d.hyper_alpha, d.hyper_beta).sum(),
         "library_w_kl": kl_lognormal_exponential(lib.w_mu, lib.w_log_sigma, lib.w_prior_rate),
         "decoder_l2": part.decoder_weight_l2
         * sum(
@@ -333,9 +345,12 @@ def _reference_penalties(part, jacobian=True):
     }
 
 
+@pytest.mark.parametrize("pooling", [True, False])
 @pytest.mark.parametrize("jacobian", [True, False])
 @pytest.mark.parametrize("hyper_alpha", [9.0, 2.5])
-def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alpha, jacobian):
+def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(
+    hyper_alpha, jacobian, pooling
+):
     # hand-derived gradients (one autograd node a term) against autograd through the plain
     # formulas, in float64 at random parameter values away from the initialisation
     torch.manual_seed(3)
@@ -353,8 +368,10 @@ def test_closed_form_penalty_gradients_match_autograd_of_the_formulas(hyper_alph
         n_dispersion_groups=3,
         dispersion_hyper_prior_alpha=hyper_alpha,
         dispersion_prior_jacobian=jacobian,
+        dispersion_pooling=pooling,
     ).double()
     part = module.rna
+    assert part.dispersion.pooled is pooling
     with torch.no_grad():
         for p in part.parameters():
             p.add_(0.3 * torch.randn_like(p))

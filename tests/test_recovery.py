@@ -65,3 +65,36 @@ def test_ambient_off_gives_worse_held_out_likelihood(simulated, with_ambient):
     held_out_without = without.history["reconstruction_loss_validation"].iloc[-5:].mean()
     np.testing.assert_array_equal(with_ambient.validation_indices_, without.validation_indices_)
     assert held_out_with < held_out_without
+
+
+def test_pooled_dispersion_recovers_gene_wise_dispersion_of_small_libraries():
+    # data generated another way (regvi.atlas, not the model's own process): one gene-wise
+    # dispersion shared by 8 libraries of ~200 cells. Pooling the libraries' θ towards a
+    # per-gene centre must estimate it better, and fit held-out cells at least as well, than
+    # independent per-library θ (each pulled only towards the containment prior)
+    from regvi.atlas import simulate_atlas
+
+    adata = simulate_atlas(
+        n_cells=1600,
+        n_genes=400,
+        n_cell_types=12,
+        n_studies=2,
+        n_libraries=8,
+        n_lineages=3,
+        n_subtypes=6,
+        seed=1,
+    )
+    true_log_theta = -np.log(np.asarray(adata.uns["atlas_truth"]["dispersion"]))
+    errors, held_out, models = {}, {}, {}
+    for pooling in (True, False):
+        models[pooling] = model = fit(adata, dispersion_pooling=pooling)
+        log_theta = np.log(model.get_dispersion().to_numpy())
+        assert log_theta.shape == (8, 400)
+        errors[pooling] = np.median(np.abs(log_theta - true_log_theta[None, :]))
+        held_out[pooling] = model.history["reconstruction_loss_validation"].iloc[-5:].mean()
+    assert models[True].module.rna.dispersion.pooled
+    assert not models[False].module.rna.dispersion.pooled
+    assert errors[True] < 0.7 * errors[False], errors
+    assert held_out[True] <= held_out[False], held_out
+    # the libraries share one dispersion, so the learned spread between them shrinks
+    assert models[True].module.rna.dispersion.pool_scale() < 0.3

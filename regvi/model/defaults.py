@@ -35,6 +35,8 @@ RNA_DEFAULTS: dict[str, Any] = {
     # True: the proper KL (log-Jacobian included; current behaviour); False: the published
     # objective. To be settled by a benchmark.
     "dispersion_prior_jacobian": True,
+    # dispersion groups share a per-gene centre (HierarchicalDispersion; docs/integration.md)
+    "dispersion_pooling": True,
     "library_n_hidden": 16,
     "library_log_vars_weight": 0.5,
     "residual_library_encoder": True,

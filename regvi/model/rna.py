@@ -62,6 +62,10 @@ class AmbientRegularizedSCVI(BaseModel):
         θ^-1/2; it pulls weakly informed θ towards λ²≈9 from both sides (near-Poisson genes
         towards over-dispersion). False: the published objective without it, which pushes θ
         up, towards Poisson (not a KL: the ELBO is then not a bound).
+    dispersion_pooling
+        True (default): with several dispersion groups (e.g. one per library), each gene's
+        log θ per group is drawn around a per-gene centre with a learned spread, so small
+        groups borrow strength from the others; False: independent groups.
     library_n_hidden, library_log_vars_weight, residual_library_encoder, library_w_prior_rate
         Learned library size: encoder width, prior variance scaling, residual on the observed
         library (a LogNormal weight with an Exp prior; without it, a learned point
@@ -194,6 +198,7 @@ class AmbientRegularizedSCVI(BaseModel):
             dispersion_hyper_prior_mean=p["dispersion_hyper_prior_mean"],
             dispersion_hyper_prior_alpha=p["dispersion_hyper_prior_alpha"],
             dispersion_prior_jacobian=p["dispersion_prior_jacobian"],
+            dispersion_pooling=p["dispersion_pooling"],
             library_n_hidden=p["library_n_hidden"],
             library_log_vars_weight=p["library_log_vars_weight"],
             residual_library_encoder=p["residual_library_encoder"],

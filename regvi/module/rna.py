@@ -110,4 +110,4 @@ class RegularizedVAE(Stochastic):
     @torch.no_grad()
     def dispersion_per_group(self) -> np.ndarray:
         """Posterior median θ per (dispersion group, gene)."""
-        return torch.exp(self.rna.dispersion.log_theta_mean).cpu().numpy()
+        return torch.exp(self.rna.dispersion.median_log_theta()).cpu().numpy()
