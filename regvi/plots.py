@@ -25,7 +25,16 @@ from regvi import metrics
 from regvi.errors import DataError
 from regvi.outputs import atomic_write
 
-__all__ = ["plot_loss_curves", "compute_umap", "plot_embedding", "plot_attribution_scatter"]
+__all__ = [
+    "plot_loss_curves",
+    "compute_umap",
+    "plot_embedding",
+    "plot_attribution_scatter",
+    "plot_posterior_predictive_check",
+    "plot_volcano",
+    "plot_marker_dots",
+    "log_pearson",
+]
 
 _SPLITS = ("train", "validation")
 _MAX_LEGEND_CATEGORIES = 30
@@ -225,6 +234,11 @@ def _category_colors(adata: anndata.AnnData, key: str, n: int) -> list:
             return [to_rgba(c) for c in stored]
         except ValueError:
             pass
+    return _palette(n)
+
+
+def _palette(n: int) -> list:
+    """``n`` distinct colours (tab10 / tab20 / tab20b-c, then a rainbow)."""
     from matplotlib import colormaps
 
     if n <= 10:
@@ -404,4 +418,167 @@ def plot_attribution_scatter(
         ax.set_yticks([])
     for ax in axes[len(decoders) :]:
         ax.set_axis_off()
+    return _save_figure(fig, path)
+
+
+#: At most this many points per panel of the posterior predictive check (a random subset).
+_PPC_MAX_POINTS = 50_000
+
+
+def log_pearson(observed: np.ndarray, predicted: np.ndarray, offset: float = 1e-3) -> float:
+    """Pearson correlation of :math:`\\log(a + c)` and :math:`\\log(b + c)` (NaN when either
+    side is constant)."""
+    a = np.log(np.asarray(observed, dtype=float) + offset)
+    b = np.log(np.asarray(predicted, dtype=float) + offset)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def plot_posterior_predictive_check(table: pd.DataFrame, path: str | Path) -> Path:
+    """Observed against posterior-predictive per-feature statistics, one row of panels per
+    modality (mean, variance, zero fraction), one point per (library, feature) coloured by
+    library, with the identity line; each panel's title gives the Pearson correlation (log
+    scale for mean and variance). ``table`` is
+    :meth:`~regvi.model.posterior.PosteriorMixin.posterior_predictive_check`'s.
+    """
+    required = {"modality", "library", "statistic", "observed", "predicted"}
+    missing = sorted(required - set(table.columns))
+    if missing:
+        raise DataError(f"plot_posterior_predictive_check: table lacks {', '.join(missing)}")
+    modalities = list(dict.fromkeys(table["modality"]))
+    statistics = ("mean", "variance", "zero_fraction")
+    libraries = list(dict.fromkeys(table["library"].astype(str)))
+    colors = dict(zip(libraries, _palette(len(libraries)), strict=True))
+    fig = Figure(figsize=(4.2 * 3 + 1.6, 3.8 * max(len(modalities), 1)), layout="constrained")
+    axes = fig.subplots(max(len(modalities), 1), 3, squeeze=False)
+    rng = np.random.default_rng(0)
+    for row, modality in zip(axes, modalities, strict=False):
+        for ax, stat in zip(row, statistics, strict=True):
+            part = table[(table["modality"] == modality) & (table["statistic"] == stat)]
+            if len(part) > _PPC_MAX_POINTS:
+                part = part.iloc[rng.choice(len(part), _PPC_MAX_POINTS, replace=False)]
+            obs = part["observed"].to_numpy(dtype=float)
+            pred = part["predicted"].to_numpy(dtype=float)
+            logged = stat != "zero_fraction"
+            shown_obs, shown_pred = (obs + 1e-3, pred + 1e-3) if logged else (obs, pred)
+            order = rng.permutation(len(part))
+            ax.scatter(
+                shown_obs[order],
+                shown_pred[order],
+                c=[colors[str(v)] for v in part["library"].to_numpy()[order]],
+                s=4,
+                alpha=0.6,
+                linewidths=0,
+            )
+            if len(part):
+                lo = min(shown_obs.min(), shown_pred.min())
+                hi = max(shown_obs.max(), shown_pred.max())
+                ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, linestyle="--")
+            if logged:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                r = log_pearson(obs, pred)
+            else:
+                r = float(np.corrcoef(obs, pred)[0, 1]) if len(part) > 1 else float("nan")
+            label = stat.replace("_", " ")
+            ax.set_title(
+                f"{modality}: {label} (r{' log' if logged else ''} = {r:.3f})", fontsize=10
+            )
+            ax.set_xlabel(f"observed {label}", fontsize=8)
+            ax.set_ylabel(f"predicted {label}", fontsize=8)
+            ax.tick_params(labelsize=8)
+            ax.grid(True, alpha=0.3)
+    if 1 < len(libraries) <= _MAX_LEGEND_CATEGORIES:
+        handles = [_legend_handle(to_hex(colors[lib]), lib) for lib in libraries]
+        axes[0, -1].legend(
+            handles=handles, title="library", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1)
+        )
+    return _save_figure(fig, path)
+
+
+def plot_volcano(
+    table: pd.DataFrame, path: str | Path, fdr_column: str, max_panels: int = 24
+) -> Path:
+    """Volcano plots of a differential-expression table: mean log2 fold change against
+    ``proba_de``, one panel per (modality, group) (at most ``max_panels``), features called
+    DE at the target FDR (``fdr_column``) in red, the five most probable labelled."""
+    keys = ["modality", "group"] if "modality" in table.columns else ["group"]
+    panels = list(table.groupby(keys, sort=False, observed=True))[:max_panels]
+    n_rows, n_cols = _grid(max(len(panels), 1), 4)
+    fig = Figure(figsize=(4.0 * n_cols, 3.4 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (key, part) in zip(axes, panels, strict=False):
+        called = part[fdr_column].to_numpy(dtype=bool)
+        lfc = part["lfc_mean"].to_numpy(dtype=float)
+        proba = part["proba_de"].to_numpy(dtype=float)
+        ax.scatter(lfc[~called], proba[~called], s=5, color="#7f7f7f", linewidths=0)
+        ax.scatter(lfc[called], proba[called], s=7, color="#d62728", linewidths=0)
+        for name, row in part.nlargest(5, "proba_de").iterrows():
+            ax.annotate(str(name), (row["lfc_mean"], row["proba_de"]), fontsize=6)
+        title = " / ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        ax.set_title(f"{title} vs {part['group2'].iloc[0]} ({int(called.sum())} DE)", fontsize=9)
+        ax.set_xlabel("mean log2 fold change", fontsize=8)
+        ax.set_ylabel("proba_de", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    return _save_figure(fig, path)
+
+
+def plot_marker_dots(table: pd.DataFrame, path: str | Path, n_top: int = 5) -> Path:
+    """Dot plot of each group's top markers from a one-vs-rest differential-expression table:
+    the ``n_top`` features with the highest ``proba_de`` among those up in the group
+    (``lfc_mean > 0``) per group; columns are features, rows groups; dot size = the fraction
+    of the group's cells with a non-zero count (``non_zeros_proportion1``), colour = the
+    group's mean expression fraction (``scale1``) scaled to [0, 1] per feature."""
+    groups = list(dict.fromkeys(table["group"].astype(str)))
+    table = table.assign(group=table["group"].astype(str), feature=table.index.astype(str))
+    if "modality" in table.columns:
+        table = table.assign(feature=table["modality"].astype(str) + ":" + table["feature"])
+    features: list[str] = []
+    for g in groups:
+        up = table[(table["group"] == g) & (table["lfc_mean"] > 0)]
+        top = up.sort_values(["proba_de", "lfc_mean"], ascending=False).head(n_top)
+        features += [f for f in top["feature"] if f not in features]
+    fig = Figure(
+        figsize=(max(4.0, 0.35 * len(features) + 2.5), max(2.5, 0.35 * len(groups) + 1.8)),
+        layout="constrained",
+    )
+    ax = fig.add_subplot()
+    if not features:
+        ax.text(0.5, 0.5, "no feature up in any group", ha="center", va="center")
+        ax.set_axis_off()
+        return _save_figure(fig, path)
+    wide = table[table["feature"].isin(features)]
+    scale = wide.pivot_table(index="group", columns="feature", values="scale1").reindex(
+        index=groups, columns=features
+    )
+    frac = wide.pivot_table(
+        index="group", columns="feature", values="non_zeros_proportion1"
+    ).reindex(index=groups, columns=features)
+    values = scale.to_numpy(dtype=float)
+    lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    scaled = (values - lo) / np.where(hi > lo, hi - lo, 1.0)
+    yy, xx = np.meshgrid(np.arange(len(groups)), np.arange(len(features)), indexing="ij")
+    points = ax.scatter(
+        xx.ravel(),
+        yy.ravel(),
+        s=20 + 180 * np.nan_to_num(frac.to_numpy(dtype=float)).ravel(),
+        c=np.nan_to_num(scaled).ravel(),
+        cmap="Reds",
+        vmin=0,
+        vmax=1,
+        edgecolors="#555555",
+        linewidths=0.3,
+    )
+    fig.colorbar(points, ax=ax, shrink=0.6, label="mean expression (scaled)")
+    ax.set_xticks(np.arange(len(features)), features, rotation=90, fontsize=7)
+    ax.set_yticks(np.arange(len(groups)), groups, fontsize=8)
+    ax.set_xlim(-0.7, len(features) - 0.3)
+    ax.set_ylim(len(groups) - 0.5, -0.5)
+    ax.set_title(
+        f"top {n_top} markers per group (dot size: fraction of cells detected)", fontsize=9
+    )
     return _save_figure(fig, path)

@@ -23,6 +23,7 @@ from regvi.data.loader import (
     stratified_split,
 )
 from regvi.errors import DataError, RegviError
+from regvi.model.posterior import PosteriorMixin
 from regvi.outputs import atomic_write
 from regvi.run.layout import MODEL_HISTORY, MODEL_METADATA, MODEL_WEIGHTS
 from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
@@ -59,12 +60,14 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(1, min(round(20000 / max(n_cells, 1) * 400), 400)))
 
 
-class BaseModel:
+class BaseModel(PosteriorMixin):
     """Common training / inference / persistence logic.
 
     Subclasses provide ``_dataset(adata) -> CsrMinibatchDataset`` (validated data for any
     AnnData/MuData compatible with the model), ``_strata`` (library codes of the training
-    cells for the stratified split), ``n_features`` and ``_build_module``.
+    cells for the stratified split), ``n_features``, ``_build_module`` and the hooks of
+    :class:`~regvi.model.posterior.PosteriorMixin` (posterior predictive samples and checks,
+    library size, KL, reconstruction error, differential expression).
     """
 
     module: torch.nn.Module

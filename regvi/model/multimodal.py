@@ -28,7 +28,7 @@ from regvi.data.mudata_io import (
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
 from regvi.model.defaults import MULTIMODAL_DEFAULTS, MULTIMODAL_FALLBACKS
-from regvi.module.base import monte_carlo
+from regvi.model.posterior import ModalityDecode
 from regvi.module.components import LibraryPrior
 from regvi.module.init import (
     cell_totals,
@@ -389,7 +389,6 @@ class RegularizedMultimodalVI(BaseModel):
             filled += len(block)
         return out if out is not None else np.concatenate(pieces, axis=0)
 
-    @torch.no_grad()
     def get_reconstruction_error(
         self,
         mdata: Any = None,
@@ -397,32 +396,72 @@ class RegularizedMultimodalVI(BaseModel):
         batch_size: int | None = None,
         modality: str | None = None,
         sample: bool = True,
-    ) -> float:
+        per_feature: bool = False,
+    ) -> float | pd.Series | dict[str, pd.Series]:
         """Mean per-cell negative log-likelihood of the counts, summed over the features of
         every modality a cell is measured in (the ``reconstruction_loss`` of the objective),
         or of ``modality`` alone (cells not measured in it counting 0, as in the objective's
         ``reconstruction_loss_<modality>``): a held-out fit measure. ``sample=True`` (default): a
         single-sample Monte-Carlo estimate, z, ℓ, w and θ drawn from their posteriors as in
         the ELBO, without dropout; random from call to call. ``sample=False``: at the
-        posterior means and the posterior-median θ (deterministic, and optimistic)."""
-        names = self.modality_names if modality is None else [modality]
-        if modality is not None:
-            self._block(modality)
-        widest = max(len(self.feature_names[m]) for m in names)
-        total, n = 0.0, 0
-        with monte_carlo(self.module, sample):
-            for batch in self._iterate(mdata, indices, batch_size, None, widest):
-                inf = self.module.inference(batch)
-                for name in names:
-                    post = inf["per_modality"][name]
-                    rate = self.module.decode(name, inf["z"], post["library"]["library"], batch)
-                    part = self.module.modalities[name]
-                    nll = part.reconstruction_loss(
-                        batch[f"x_{name}"], rate, modality_view(batch, name)
-                    )
-                    total += float(torch.where(post["measured"], nll, 0.0).sum())
-                n += batch[f"x_{names[0]}"].shape[0]
-        return total / max(n, 1)
+        posterior means and the posterior-median θ (deterministic, and optimistic).
+
+        ``per_feature=True``: per feature, the mean over cells of its negative
+        log-likelihood (the per-feature terms sum to the scalar): a Series for
+        ``modality``, else ``{modality: Series}``. See
+        :meth:`~regvi.model.posterior.PosteriorMixin._reconstruction_error`."""
+        names = self._modalities(modality)
+        value = self._reconstruction_error(mdata, indices, batch_size, names, sample, per_feature)
+        if per_feature and modality is not None:
+            return value[modality]
+        return value
+
+    def posterior_predictive_sample(
+        self,
+        mdata: Any = None,
+        n_samples: int = 1,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        modality: str | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        r"""Counts drawn from the posterior predictive distribution of ``modality`` (every
+        modality, as ``{modality: array}``, when None): per sample, z, ℓ, w and θ drawn from
+        their posteriors and the counts from the GammaPoisson likelihood with mean
+        :math:`\mu = e^\ell(\rho + s)y`. float32 ``(cells, features)`` for ``n_samples=1``,
+        else ``(cells, features, n_samples)``. A cell not measured in a modality gets the
+        model's prediction for it. See
+        :meth:`~regvi.model.posterior.PosteriorMixin._posterior_predictive_sample`."""
+        out = {
+            m: self._posterior_predictive_sample(mdata, n_samples, indices, batch_size, m)
+            for m in self._modalities(modality)
+        }
+        return out[modality] if modality is not None else out
+
+    def get_latent_library_size(
+        self,
+        mdata: Any = None,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        modality: str | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        r"""Posterior mean of each cell's library :math:`e^{\ell}` of ``modality`` in count
+        units (comparable to its total counts), ``(cells,)``; ``{modality: array}`` when
+        None. See :meth:`~regvi.model.posterior.PosteriorMixin._latent_library_size`."""
+        out = self._latent_library_size(mdata, indices, batch_size, self._modalities(modality))
+        return out[modality] if modality is not None else out
+
+    def get_latent_kl(
+        self,
+        mdata: Any = None,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        per_dimension: bool = True,
+    ) -> np.ndarray:
+        """KL(q(z|x) || N(0, I)) of the joint latent: per dimension, the mean over the cells
+        measured in the block's modality (``(n_latent,)``, blocks as in
+        :attr:`latent_blocks`), or with ``per_dimension=False`` the per-cell total
+        (``(cells,)``). See :meth:`~regvi.model.posterior.PosteriorMixin._latent_kl`."""
+        return self._latent_kl(mdata, indices, batch_size, per_dimension)
 
     def get_modality_attribution(
         self,
@@ -476,6 +515,38 @@ class RegularizedMultimodalVI(BaseModel):
         if indices is not None:
             cells = cells[np.asarray(indices)]
         return attribution_table({k: np.concatenate(v) for k, v in scores.items()}, cells)
+
+    # ---------------------------------------------------------------- posterior hooks
+    def _count_modalities(self) -> list[str]:
+        return list(self.module.modality_names)
+
+    def _features(self, modality: str) -> list[str]:
+        return self.feature_names[modality]
+
+    def _decode(self, batch: dict[str, Any], inf: dict[str, Any], modality: str) -> ModalityDecode:
+        post = inf["per_modality"][modality]
+        covariates = modality_view(batch, modality)
+        part = self.module.modalities[modality]
+        rho = part.decoder(inf["z"], covariates["nn_conditioning"])
+        return ModalityDecode(
+            part, batch[f"x_{modality}"], covariates, rho, post["library"], post["measured"]
+        )
+
+    def _obs(self, data: Any = None) -> pd.DataFrame:
+        mdata = self.mdata if data is None else data
+        if mdata is None:
+            raise RegviError("this model was loaded without data: pass mdata=")
+        return shared_obs(mdata, self.modality_names, self._cells(data))
+
+    def _library_key(self) -> str | None:
+        return self.shared_covariates.keys.library_key
+
+    def _latent_measured(self, inf: dict[str, Any]) -> torch.Tensor:
+        blocks = []
+        for m in self.module.modality_names:
+            width = self.module.latent_blocks[m].stop - self.module.latent_blocks[m].start
+            blocks.append(inf["per_modality"][m]["measured"][:, None].expand(-1, width))
+        return torch.cat(blocks, dim=1)
 
     # ---------------------------------------------------------------- persistence
     def _metadata(self) -> dict[str, Any]:

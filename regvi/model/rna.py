@@ -19,7 +19,7 @@ from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
 from regvi.model.defaults import RNA_DEFAULTS
-from regvi.module.base import monte_carlo
+from regvi.model.posterior import ModalityDecode
 from regvi.module.components import LibraryPrior
 from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
 from regvi.module.rna import RegularizedVAE
@@ -315,29 +315,64 @@ class AmbientRegularizedSCVI(BaseModel):
                 chunks.append(values)
         return out if out is not None else np.concatenate(chunks, axis=0)
 
-    @torch.no_grad()
     def get_reconstruction_error(
         self,
         adata: ad.AnnData | None = None,
         indices: np.ndarray | None = None,
         batch_size: int | None = None,
         sample: bool = True,
-    ) -> float:
-        """Mean per-cell negative log-likelihood of the counts (summed over genes): a held-out
+        per_feature: bool = False,
+    ) -> float | pd.Series:
+        r"""Mean per-cell negative log-likelihood of the counts (summed over genes): a held-out
         fit measure. ``sample=True`` (default): a single-sample Monte-Carlo estimate of
-        :math:`E_q[-\\log p(x\\mid z,\\ell,\theta)]`, z, ℓ, w and θ drawn from their posteriors
+        :math:`E_q[-\log p(x\mid z,\ell,\theta)]`, z, ℓ, w and θ drawn from their posteriors
         as in the ELBO (scvi-tools' ``get_reconstruction_error`` samples z too), without
         dropout; random from call to call. ``sample=False``: at the posterior means of z,
-        ℓ and w and the posterior-median θ (deterministic, and optimistic)."""
-        total, n = 0.0, 0
-        with monte_carlo(self.module, sample):
-            for batch in self._iterate(adata, indices, batch_size, None, len(self.gene_names)):
-                inf = self.module.inference(batch)
-                gen = self.module.generative(inf["z"], inf["library"]["library"], batch)
-                nll = self.module.rna.reconstruction_loss(batch["x"], gen["mu"], batch)
-                total += float(nll.sum())
-                n += nll.shape[0]
-        return total / max(n, 1)
+        ℓ and w and the posterior-median θ (deterministic, and optimistic).
+
+        ``per_feature=True``: a Series over genes of the mean over cells of each gene's
+        negative log-likelihood (they sum to the scalar); genes the model fits badly stand
+        out. See :meth:`~regvi.model.posterior.PosteriorMixin._reconstruction_error`."""
+        value = self._reconstruction_error(adata, indices, batch_size, ["rna"], sample, per_feature)
+        return value["rna"] if per_feature else value
+
+    def posterior_predictive_sample(
+        self,
+        adata: ad.AnnData | None = None,
+        n_samples: int = 1,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        r"""Counts drawn from the posterior predictive distribution: per sample, z, ℓ, w and θ
+        drawn from their posteriors and the counts from the GammaPoisson likelihood with mean
+        :math:`\mu = e^\ell(\rho + s)y`. float32 ``(cells, genes)`` for ``n_samples=1``,
+        else ``(cells, genes, n_samples)`` (scvi-tools' axes, dense). See
+        :meth:`~regvi.model.posterior.PosteriorMixin._posterior_predictive_sample`."""
+        return self._posterior_predictive_sample(adata, n_samples, indices, batch_size, "rna")
+
+    def get_latent_library_size(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        r"""Posterior mean of each cell's library :math:`e^{\ell}` in count units
+        (comparable to its total counts), ``(cells,)``. See
+        :meth:`~regvi.model.posterior.PosteriorMixin._latent_library_size`."""
+        return self._latent_library_size(adata, indices, batch_size, ["rna"])["rna"]
+
+    def get_latent_kl(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        per_dimension: bool = True,
+    ) -> np.ndarray:
+        """KL(q(z|x) || N(0, I)): per latent dimension, the mean over cells
+        (``(n_latent,)``; a dimension near 0 is unused), or with ``per_dimension=False`` the
+        per-cell total (``(cells,)``). See
+        :meth:`~regvi.model.posterior.PosteriorMixin._latent_kl`."""
+        return self._latent_kl(adata, indices, batch_size, per_dimension)
 
     def get_ambient_profiles(self) -> pd.DataFrame:
         """Learned ambient :math:`s_{b,g}` as a (category x gene) table (empty without ambient)."""
@@ -359,6 +394,28 @@ class AmbientRegularizedSCVI(BaseModel):
         return pd.DataFrame(
             self.module.dispersion_per_group(), index=index, columns=self.gene_names
         )
+
+    # ---------------------------------------------------------------- posterior hooks
+    def _count_modalities(self) -> list[str]:
+        return ["rna"]
+
+    def _features(self, modality: str) -> list[str]:
+        return self.gene_names
+
+    def _decode(self, batch: dict[str, Any], inf: dict[str, Any], modality: str) -> ModalityDecode:
+        part = self.module.rna
+        rho = part.decoder(inf["z"], batch["nn_conditioning"])
+        measured = torch.ones(rho.shape[0], dtype=torch.bool, device=rho.device)
+        return ModalityDecode(part, batch["x"], batch, rho, inf["library"], measured)
+
+    def _obs(self, data: ad.AnnData | None = None) -> pd.DataFrame:
+        adata = self.adata if data is None else data
+        if adata is None:
+            raise RegviError("this model was loaded without data: pass adata=")
+        return adata.obs
+
+    def _library_key(self) -> str | None:
+        return self.covariates.keys.library_key
 
     # ---------------------------------------------------------------- persistence
     def _metadata(self) -> dict[str, Any]:

@@ -54,15 +54,27 @@ class ModelAdapter:
 
     # ------------------------------------------------ output steps every model shares
     @staticmethod
-    def figures_dir_with_loss_curves(model: Any, run_dir: Path) -> tuple[Path, dict[str, Path]]:
-        """``figures/`` of the run (created) and the loss-curve figure drawn into it."""
+    def model_figures(
+        model: Any, run_dir: Path, seed: int = 0, batch_size: int | None = None
+    ) -> tuple[Path, dict[str, Path]]:
+        """``figures/`` of the run (created) and the figures about the model drawn into it:
+        the loss curves and the posterior predictive check (observed against predicted
+        per-feature mean, variance and zero fraction by library, on at most
+        :data:`~regvi.model.posterior.PPC_MAX_CELLS` cells; see
+        :meth:`~regvi.model.posterior.PosteriorMixin.posterior_predictive_check`)."""
         from regvi import plots
         from regvi.run import layout
 
         fig_dir = run_dir / layout.FIGURES_DIR
         fig_dir.mkdir(exist_ok=True)
+        table = model.posterior_predictive_check(batch_size=batch_size, seed=seed)
         return fig_dir, {
-            "loss_curves": plots.plot_loss_curves(model.history, fig_dir / "loss_curves.png")
+            "loss_curves": plots.plot_loss_curves(
+                model.history, fig_dir / layout.LOSS_CURVES_FIGURE
+            ),
+            "posterior_predictive_check": plots.plot_posterior_predictive_check(
+                table, fig_dir / layout.PPC_FIGURE
+            ),
         }
 
     @staticmethod

@@ -8,10 +8,12 @@ A run directory (``regvi train``) holds::
     checkpoints/last.ckpt  the latest training state, while the run is unfinished
     model/                 model.pt (weights) and model.json (class, arguments, set-up)
     history.csv            per-epoch metrics
-    figures/*.png          loss curves, UMAP, (multimodal) attribution; evaluation figures
+    figures/*.png          loss curves, posterior predictive check, UMAP, (multimodal)
+                           attribution; evaluation and differential-expression figures
     results.h5ad | .h5mu   the input cells with the latents and normalized values (by model)
     metrics.json, metrics.csv, neighbourhood_correlation.csv.gz   (``regvi evaluate``)
     predict/<time>/        ``regvi predict`` outputs (a run directory of their own)
+    de/de_<groupby>.csv    ``regvi de`` tables (figures/de_<groupby>_volcano.png, _dotplot.png)
     wandb/, wandb_run_id, csv_logs/   tracking
     .hydra/                Hydra's copy of the composed config (CLI runs)
     .regvi_status          state of a sweep element (``regvi sweep status``)
@@ -19,6 +21,7 @@ A run directory (``regvi train``) holds::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # ----------------------------------------------------------------- files of a run directory
@@ -33,6 +36,9 @@ MODEL_METADATA = "model.json"
 MODEL_HISTORY = "history.csv"
 HISTORY_CSV = "history.csv"
 FIGURES_DIR = "figures"
+#: Figures every ``regvi train`` run draws into :data:`FIGURES_DIR`.
+LOSS_CURVES_FIGURE = "loss_curves.png"
+PPC_FIGURE = "posterior_predictive_check.png"
 RESULTS_H5AD = "results.h5ad"
 RESULTS_H5MU = "results.h5mu"
 #: The results file each model writes, by ``model.name``.
@@ -42,6 +48,7 @@ METRICS_CSV = "metrics.csv"
 SCIB_CSV = "scib_metrics.csv"
 NEIGHBOURHOOD_CSV = "neighbourhood_correlation.csv.gz"
 PREDICT_DIR = "predict"
+DE_DIR = "de"
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG = "config.yaml"
 WANDB_ID_FILE = "wandb_run_id"
@@ -72,6 +79,21 @@ def modality_latent_key(modality: str) -> str:
 def measured_column(modality: str) -> str:
     """obs column saying whether a cell was measured in ``modality``."""
     return f"regvi_measured_{modality}"
+
+
+def _file_safe(name: str) -> str:
+    """``name`` with every character other than letters, digits, ``.``, ``-``, ``_`` as ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name))
+
+
+def de_table_path(run_dir: str | Path, groupby: str) -> Path:
+    """``<run_dir>/de/de_<groupby>.csv`` (``regvi de``)."""
+    return Path(run_dir) / DE_DIR / f"de_{_file_safe(groupby)}.csv"
+
+
+def de_figure_path(run_dir: str | Path, groupby: str, kind: str) -> Path:
+    """``<run_dir>/figures/de_<groupby>_<kind>.png`` (``kind``: ``volcano`` or ``dotplot``)."""
+    return Path(run_dir) / FIGURES_DIR / f"de_{_file_safe(groupby)}_{kind}.png"
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:

@@ -189,7 +189,7 @@ class MultimodalAdapter(ModelAdapter):
         for col, values in attribution_obs_columns(table).items():
             mdata.obs[col] = values.to_numpy()
         if o.figures:
-            fig_dir, curves = self.figures_dir_with_loss_curves(model, run_dir)
+            fig_dir, curves = self.model_figures(model, run_dir, cfg.seed, o.batch_size)
             written.update(curves)
             view = ad.AnnData(obs=mdata.obs.copy())
             view.obsm[layout.LATENT_KEY] = joint

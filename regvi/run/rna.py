@@ -123,7 +123,7 @@ class RnaAdapter(ModelAdapter):
 
                 streamed[layout.NORMALIZED_LAYER] = fill
             elif step == "UMAP + figures" and o.figures:
-                fig_dir, curves = self.figures_dir_with_loss_curves(model, run_dir)
+                fig_dir, curves = self.model_figures(model, run_dir, cfg.seed, o.batch_size)
                 figures.update(curves)
                 plots.compute_umap(adata, use_rep=layout.LATENT_KEY, seed=cfg.seed)
                 keys = [k for k in (model.covariates.keys.library_key, labels_key) if k]
