@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from regvi.errors import DataError
 
-__all__ = ["SimulatedTruth", "simulate", "default_dataset"]
+__all__ = ["SimulatedTruth", "simulate", "default_dataset", "DETruth", "simulate_de"]
 
 # Fixed constants of the generative process (documented in ``simulate``).
 _TYPE_CENTRE_SD = 3.0  # c_k ~ N(0, 3^2 I)
@@ -502,3 +502,162 @@ def simulate_multiome(
         adata.obs["cell_type"] = labels.to_numpy()
         adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
     return out["rna"], out["atac"], truth
+
+
+@dataclass
+class DETruth:
+    """Planted truth of :func:`simulate_de`.
+
+    Attributes
+    ----------
+    profiles : numpy.ndarray, shape (3, n_genes)
+        Expression fractions :math:`p_{k,g}` of ``type_A``, ``type_B``, ``type_C`` (rows sum
+        to 1).
+    content : numpy.ndarray, shape (3,)
+        RNA content :math:`c_k` of each type (:math:`\\rho_{n} = c_{k_n} p_{k_n}`).
+    de_genes : numpy.ndarray of bool, shape (n_genes,)
+        Genes planted DE between ``type_A`` and ``type_B``.
+    ambient_only : numpy.ndarray of bool, shape (n_genes,)
+        Genes of the abundant ``type_C`` only: barely expressed by A and B (equally), but
+        abundant in the soup.
+    log2_fold_change : numpy.ndarray, shape (n_genes,)
+        :math:`\\log_2(p_{A,g}/p_{B,g})`.
+    ambient : numpy.ndarray, shape (n_batches, n_genes)
+        Ambient profiles :math:`s_{b,g}`.
+    dispersion : numpy.ndarray, shape (n_genes,)
+        Inverse dispersion :math:`\\theta_g`.
+    """
+
+    profiles: np.ndarray
+    content: np.ndarray
+    de_genes: np.ndarray
+    ambient_only: np.ndarray
+    log2_fold_change: np.ndarray
+    ambient: np.ndarray
+    dispersion: np.ndarray
+
+
+def simulate_de(
+    n_cells: int = 2000,
+    n_genes: int = 200,
+    n_de: int = 40,
+    n_ambient_genes: int = 20,
+    fold_change: float = 4.0,
+    abundant_fraction: float = 0.7,
+    ambient_fractions: Sequence[float] = (0.15, 0.15),
+    rare_batch_bias: float = 0.5,
+    rare_content: float = 0.4,
+    dispersion: float = 10.0,
+    library_log_mean: float = 8.0,
+    library_log_sd: float = 0.3,
+    seed: int = 0,
+) -> tuple[anndata.AnnData, DETruth]:
+    r"""Counts of three cell types with genes planted DE between two of them and ambient soup
+    dominated by the third, drawn from regvi's generative model (feature scaling 1).
+
+    .. math::
+        q_g &\sim \mathrm{LogNormal}(\log(1/G), 1) \\
+        p_{k,g} &\propto q_g\,f_{k,g}, \quad
+            f_{A,g} = F \text{ for half of the DE genes, } f_{B,g} = F \text{ for the other
+            half}, \quad f_{C,g} = 8,\ f_{A,g} = f_{B,g} = 0.01 \text{ on the ambient-only
+            genes}, \quad 1 \text{ elsewhere} \\
+        \rho_{n,g} &= c_{k_n}\,p_{k_n,g}, \qquad
+            s_{b,g} = f_b\,\bar\rho_g\,e^{\eta_{b,g}}\Big/\textstyle\sum_{g'}
+            \bar\rho_{g'},\quad \eta_{b,g}\sim\mathcal N(0, 0.2^2) \\
+        \ell_n &\sim \mathcal N(\mu_l + 0.3\,(b_n - (B-1)/2), \sigma_l^2), \qquad
+        \mu_{n,g} = e^{\ell_n}(\rho_{n,g} + s_{b_n,g}) \\
+        x_{n,g} &\sim \mathrm{GammaPoisson}(\theta_g, \theta_g/\mu_{n,g}),\quad
+        \theta_g = \theta\,e^{\xi_g},\ \xi_g \sim \mathcal N(0, 0.2^2)
+
+    with types ``type_A`` and ``type_B`` each ``(1 - abundant_fraction) / 2`` of the cells
+    and ``type_C`` the rest, :math:`\bar\rho` the mean of ρ over all cells (so the soup is
+    mostly ``type_C``'s RNA), one library (batch) per entry of ``ambient_fractions``
+    (:math:`f_b`, the soup's size relative to a cell's RNA), :math:`F` = ``fold_change``,
+    the RNA content :math:`c_A` = ``rare_content`` and :math:`c_B = c_C = 1`. DE genes are
+    drawn among the genes above the median of :math:`q`, ambient-only genes among the
+    others. ``type_C`` cells are spread evenly over the libraries; a fraction
+    ``rare_batch_bias`` of the ``type_A`` cells is in the first library (the soupiest by
+    when it differs) and of the ``type_B`` cells in the second (the rest evenly elsewhere).
+
+    So the ambient-only genes make up a larger share of ``type_A``'s observed counts than of
+    ``type_B``'s although neither type expresses them (more of A sits in the soupy library;
+    with ``rare_content < 1`` the soup is also a larger share of the small A cells' RNA): a
+    method that compares observed, or batch-specific, expression calls them DE; one that
+    removes the soup does not.
+
+    Returns the AnnData (``X`` CSR counts; obs ``cell_type``, ``batch``) and the
+    :class:`DETruth`.
+    """
+    n_cells = _check_count("n_cells", n_cells)
+    n_genes = _check_count("n_genes", n_genes)
+    fractions = np.asarray(ambient_fractions, dtype=float)
+    n_batches = fractions.size
+    if n_batches < 2 or (fractions < 0).any():
+        raise DataError("simulate_de: ambient_fractions needs two or more non-negative values")
+    if n_de + n_ambient_genes > n_genes or n_de < 2 or n_ambient_genes < 0:
+        raise DataError(
+            f"simulate_de: need 2 <= n_de and n_de + n_ambient_genes <= n_genes, got "
+            f"{n_de} + {n_ambient_genes} of {n_genes}"
+        )
+    if not 0.0 < abundant_fraction < 1.0:
+        raise DataError(
+            f"simulate_de: abundant_fraction must be in (0, 1), got {abundant_fraction}"
+        )
+    rng = np.random.default_rng(seed)
+    q = rng.lognormal(np.log(1.0 / n_genes), 1.0, n_genes)
+    high = np.flatnonzero(q > np.median(q))
+    low = np.flatnonzero(q <= np.median(q))
+    de = rng.choice(high, n_de, replace=False)
+    ambient_only = rng.choice(low, n_ambient_genes, replace=False)
+    factors = np.ones((3, n_genes))
+    factors[0, de[: n_de // 2]] = fold_change
+    factors[1, de[n_de // 2 :]] = fold_change
+    factors[2, ambient_only] = 8.0
+    factors[:2, ambient_only] = 0.01
+    profiles = q * factors
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    content = np.array([rare_content, 1.0, 1.0])
+
+    n_rare = int(round(n_cells * (1.0 - abundant_fraction) / 2.0))
+    types = np.repeat([0, 1, 2], [n_rare, n_rare, n_cells - 2 * n_rare])
+    types = rng.permutation(types)
+    others = (1.0 - rare_batch_bias) / (n_batches - 1)
+    weights = np.full((3, n_batches), others)
+    weights[0, 0] = weights[1, 1] = rare_batch_bias
+    weights[1, 0] = others
+    weights[2] = 1.0 / n_batches
+    batch = np.array([rng.choice(n_batches, p=weights[k] / weights[k].sum()) for k in types])
+    rho = content[types, None] * profiles[types]
+    soup = rho.mean(axis=0)
+    soup /= soup.sum()
+    ambient = fractions[:, None] * soup * np.exp(rng.normal(0.0, 0.2, (n_batches, n_genes)))
+    shift = 0.3 * (batch - (n_batches - 1) / 2.0)
+    log_library = rng.normal(library_log_mean + shift, library_log_sd)
+    mu = np.exp(log_library)[:, None] * (rho + ambient[batch])
+    theta = dispersion * np.exp(rng.normal(0.0, 0.2, n_genes))
+    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+
+    names = np.array(["type_A", "type_B", "type_C"])
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(names[types], categories=list(names)),
+            "batch": pd.Categorical([f"batch_{b}" for b in batch]),
+        },
+        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(index=pd.Index([f"gene_{g}" for g in range(n_genes)]))
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    de_mask = np.zeros(n_genes, dtype=bool)
+    de_mask[de] = True
+    ambient_mask = np.zeros(n_genes, dtype=bool)
+    ambient_mask[ambient_only] = True
+    truth = DETruth(
+        profiles=profiles,
+        content=content,
+        de_genes=de_mask,
+        ambient_only=ambient_mask,
+        log2_fold_change=np.log2(profiles[0] / profiles[1]),
+        ambient=ambient,
+        dispersion=theta,
+    )
+    return adata, truth

@@ -534,7 +534,9 @@ def plot_marker_dots(table: pd.DataFrame, path: str | Path, n_top: int = 5) -> P
     of the group's cells with a non-zero count (``non_zeros_proportion1``), colour = the
     group's mean expression fraction (``scale1``) scaled to [0, 1] per feature."""
     groups = list(dict.fromkeys(table["group"].astype(str)))
-    table = table.assign(group=table["group"].astype(str), feature=table.index.astype(str))
+    table = table.rename_axis(None).assign(
+        group=table["group"].astype(str), feature=table.index.astype(str)
+    )
     if "modality" in table.columns:
         table = table.assign(feature=table["modality"].astype(str) + ":" + table["feature"])
     features: list[str] = []

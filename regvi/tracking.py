@@ -122,3 +122,48 @@ def finish(logger: Any) -> None:
         wandb.finish()
     elif logger is not False:
         logger.finalize("success")
+
+
+def log_after_run(
+    run_dir: Path, payload: dict[str, Any], job_type: str, logger: Any = None
+) -> bool:
+    """Send ``payload`` (W&B objects built by the caller) to W&B for a finished run: into
+    ``logger`` when it is a WandbLogger, else into a new W&B run (``job_type``, named
+    ``<run>-<job_type>``) in the project and group of the run in ``run_dir`` when its saved
+    config says ``logger.name=wandb`` (and ``WANDB_MODE`` does not disable it). Returns
+    whether anything was logged."""
+    if logger is not None and type(logger).__name__ == "WandbLogger":
+        logger.experiment.log(payload)
+        return True
+    from regvi.run.layout import run_config_path
+
+    path = run_config_path(run_dir)
+    cfg = OmegaConf.load(path) if path is not None else None
+    if cfg is None or cfg.logger.name != "wandb" or wandb_mode(cfg.logger.mode) == "disabled":
+        return False
+    import wandb
+
+    lc = cfg.logger
+    run = wandb.init(
+        project=lc.project,
+        entity=lc.get("entity"),
+        group=lc.get("group"),
+        name=f"{lc.get('run_name') or Path(run_dir).name}-{job_type}",
+        dir=str(run_dir),
+        mode=wandb_mode(lc.mode),
+        job_type=job_type,
+        reinit="finish_previous",
+    )
+    try:
+        run.log(payload)
+    finally:
+        run.finish()
+    return True
+
+
+def run_uses_wandb(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` logged to W&B (its saved ``logger.name``)."""
+    from regvi.run.layout import run_config_path
+
+    path = run_config_path(run_dir)
+    return path is not None and OmegaConf.load(path).logger.name == "wandb"

@@ -1,4 +1,4 @@
-"""The ``regvi evaluate`` and ``regvi predict`` commands (added to the app by
+"""The ``regvi evaluate``, ``regvi predict`` and ``regvi de`` commands (added to the app by
 :func:`register`)."""
 
 from __future__ import annotations
@@ -129,9 +129,75 @@ def predict(
     typer.echo(str(out))
 
 
+def de(
+    run_dir: Annotated[Path, typer.Argument(help="A `regvi train` run directory.")],
+    groupby: Annotated[str, typer.Option("--groupby", help="obs column of the groups.")],
+    group1: Annotated[
+        list[str] | None,
+        typer.Option("--group1", help="Group(s) to test (repeat; default: every group)."),
+    ] = None,
+    group2: Annotated[
+        str | None,
+        typer.Option("--group2", help="Reference group (default: all other cells)."),
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option("--modality", help="Multimodal runs: one modality only.")
+    ] = None,
+    delta: Annotated[float, typer.Option("--delta", help="log2 fold-change threshold.")] = 0.25,
+    fdr: Annotated[float, typer.Option("--fdr", help="Target posterior expected FDR.")] = 0.05,
+    n_samples: Annotated[
+        int, typer.Option("--n-samples", help="Posterior samples per group.")
+    ] = 5000,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    wandb: Annotated[
+        bool, typer.Option("--wandb/--no-wandb", help="Log to W&B if the run used W&B.")
+    ] = True,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
+) -> None:
+    """Differential expression between the groups of an obs column, with the trained model
+    on the run's cells (scvi-tools' "change" mode on the expression with ambient RNA and
+    feature scaling removed; one group against the rest, or --group1 A --group2 B).
+
+    Writes de/de_<groupby>.csv (one row per group x feature), figures/de_<groupby>_volcano.png
+    and figures/de_<groupby>_dotplot.png into the run; prints the number of features called
+    DE per group and the table's path.
+    """
+    import os
+
+    if debug:
+        os.environ["REGVI_DEBUG"] = "1"
+    _setup_logging()
+    from regvi.run import layout
+    from regvi.run.de import differential_expression_run
+
+    try:
+        table = differential_expression_run(
+            run_dir,
+            groupby,
+            group1=group1 or None,
+            group2=group2,
+            modality=modality,
+            delta=delta,
+            fdr_target=fdr,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+            log_wandb=wandb,
+        )
+    except RegviError as exc:
+        _fail(exc)
+        return
+    keys = ["modality", "group"] if "modality" in table.columns else ["group"]
+    called = table.groupby(keys, sort=False, observed=True)[f"is_de_fdr_{fdr}"].sum()
+    typer.echo(called.rename(f"DE at FDR {fdr}").to_string())
+    typer.echo(layout.de_table_path(run_dir, groupby))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``evaluate`` and ``predict`` to ``app``."""
+    """Add ``evaluate``, ``predict`` and ``de`` to ``app``."""
     app.command("evaluate")(evaluate)
+    app.command("de")(de)
     app.command(
         "predict",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -23,7 +23,7 @@ from regvi.data.loader import (
     stratified_split,
 )
 from regvi.errors import DataError, RegviError
-from regvi.model.posterior import PosteriorMixin
+from regvi.model.posterior import DifferentialExpressionMixin, PosteriorMixin
 from regvi.outputs import atomic_write
 from regvi.run.layout import MODEL_HISTORY, MODEL_METADATA, MODEL_WEIGHTS
 from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
@@ -60,7 +60,7 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(1, min(round(20000 / max(n_cells, 1) * 400), 400)))
 
 
-class BaseModel(PosteriorMixin):
+class BaseModel(PosteriorMixin, DifferentialExpressionMixin):
     """Common training / inference / persistence logic.
 
     Subclasses provide ``_dataset(adata) -> CsrMinibatchDataset`` (validated data for any

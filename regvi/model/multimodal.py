@@ -463,6 +463,51 @@ class RegularizedMultimodalVI(BaseModel):
         (``(cells,)``). See :meth:`~regvi.model.posterior.PosteriorMixin._latent_kl`."""
         return self._latent_kl(mdata, indices, batch_size, per_dimension)
 
+    def differential_expression(
+        self,
+        mdata: Any = None,
+        groupby: str | None = None,
+        group1: str | list[str] | None = None,
+        group2: str | None = None,
+        mode: str = "change",
+        delta: float = 0.25,
+        fdr_target: float = 0.05,
+        n_samples: int = 5000,
+        batch_size: int | None = None,
+        pseudocounts: float | None = None,
+        seed: int = 0,
+        modality: str | None = None,
+    ) -> pd.DataFrame:
+        r"""Differential expression between the groups of ``obs[groupby]``, as scvi-tools'
+        ``differential_expression(mode="change")`` with its column names, on the
+        batch-free expression with ambient RNA and feature scaling removed.
+
+        ``group1=None``: every group against the rest (one-vs-rest); ``group2=None``: against
+        every other cell. ``n_samples`` posterior samples per group (memory: two
+        ``n_samples x features`` float32 arrays); ``delta``: the log2 fold-change threshold;
+        ``fdr_target``: the posterior expected FDR of the ``is_de_fdr_<fdr_target>`` calls
+        (made per modality). ``modality``: one modality's features; None: every modality's,
+        with a ``modality`` column.
+        The math: ``DifferentialExpressionMixin._differential_expression`` in
+        :mod:`regvi.model.posterior`. Raises :class:`~regvi.errors.DataError` for an unknown
+        column or group."""
+        if groupby is None:
+            raise DataError("differential_expression needs groupby=<obs column>")
+        return self._differential_expression(
+            mdata,
+            groupby,
+            group1,
+            group2,
+            self._modalities(modality),
+            mode,
+            delta,
+            fdr_target,
+            n_samples,
+            batch_size,
+            pseudocounts,
+            seed,
+        )
+
     def get_modality_attribution(
         self,
         mdata: Any = None,

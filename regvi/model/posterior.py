@@ -427,3 +427,140 @@ def _moments(acc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean = acc[1] / n
     variance = np.maximum(acc[2] / n - mean**2, 0.0)
     return mean, variance, acc[3] / n
+
+
+class DifferentialExpressionMixin:
+    """``differential_expression`` for both models, written once on the hooks of
+    :class:`PosteriorMixin`."""
+
+    def _differential_expression(
+        self,
+        data: Any,
+        groupby: str,
+        group1: str | list[str] | None,
+        group2: str | None,
+        modalities: list[str],
+        mode: str,
+        delta: float,
+        fdr_target: float,
+        n_samples: int,
+        batch_size: int | None,
+        pseudocounts: float | None,
+        seed: int,
+    ) -> pd.DataFrame:
+        r"""Bayesian differential expression between groups of cells (scvi-tools' ``"change"``
+        mode) on the model's batch-free expression.
+
+        For a comparison of group A (``group1``) with group B (``group2``, or every other
+        cell when None: one-vs-rest), ``n_samples`` cells are drawn at random (with
+        replacement) from each group, and for each one z from its posterior
+        :math:`q(z\mid x_n)`. The expression compared is the decoder output normalised to
+        fractions, :math:`\hat\rho_{ng} = \rho_{ng}(z)/\sum_{g'}\rho_{ng'}`: the cell's
+        biological expression with the ambient RNA :math:`s` and the feature scaling
+        :math:`y` of :math:`\mu = e^\ell(\rho + s)y` removed, so counts that the model
+        attributes to the soup of abundant cell types do not show up as expression of a
+        rare one. The decoder is batch-free by default (with ``nn_conditioning``
+        covariates it is read at each sampled cell's own values), so drawing cells at random
+        averages over the group's libraries in proportion to their cells. The i-th samples
+        of the two groups are paired, and the log fold changes, ``proba_de``, Bayes factors
+        and FDR calls are those of :mod:`regvi.model.de` (pseudocounts estimated as
+        scvi-tools does when None; ``delta`` the LFC threshold; ``fdr_target`` the
+        posterior expected FDR).
+
+        Also: ``raw_mean1/2`` (mean counts), ``non_zeros_proportion1/2`` (fraction of cells
+        with a non-zero count), ``raw_normalized_mean1/2`` (mean counts per 10k) of each
+        group, and ``comparison`` (``"A vs B"``), ``group1``, ``group2``, ``group`` (= A),
+        ``modality`` (several modalities only). Rows are sorted by decreasing ``proba_de``
+        within each comparison; the index holds the feature names.
+        """
+        from regvi.model.de import change_statistics, estimate_pseudocounts, fdr_calls
+
+        if mode != "change":
+            raise DataError(f"mode={mode!r} is not implemented; use mode='change'")
+        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 2:
+            raise DataError(f"n_samples must be an integer of at least 2, got {n_samples!r}")
+        if not 0.0 <= float(fdr_target) <= 1.0:
+            raise DataError(f"fdr_target must be in [0, 1], got {fdr_target!r}")
+        if float(delta) < 0:
+            raise DataError(f"delta must be non-negative, got {delta!r}")
+        obs = self._obs(data)
+        if groupby not in obs.columns:
+            shown = ", ".join(map(str, list(obs.columns)[:20]))
+            raise DataError(f"groupby column {groupby!r} is not in obs (columns: {shown})")
+        column = obs[groupby]
+        labels = column.astype(str).to_numpy(dtype=object)
+        labelled = column.notna().to_numpy()
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            present = set(labels[labelled])
+            groups = [str(c) for c in column.cat.categories if str(c) in present]
+        else:
+            groups = sorted(set(labels[labelled]))
+        first = groups if group1 is None else ([group1] if isinstance(group1, str) else group1)
+        first = [str(g) for g in first]
+        for g in [*first, *([] if group2 is None else [str(group2)])]:
+            if g not in groups:
+                shown = ", ".join(groups[:20])
+                raise DataError(f"group {g!r} is not a value of obs[{groupby!r}] ({shown})")
+        if group2 is None and len(groups) < 2:
+            raise DataError(f"obs[{groupby!r}] has a single group: nothing to compare it with")
+        codes = np.full(labels.size, len(groups), dtype=np.int64)  # unlabelled: last code
+        lookup = {g: i for i, g in enumerate(groups)}
+        codes[labelled] = [lookup[v] for v in labels[labelled]]
+        stats = self._count_statistics(data, codes, len(groups) + 1, modalities)
+        rng = np.random.default_rng(seed)
+        tables = []
+        device = self.device
+        fork = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork):
+            torch.manual_seed(seed)
+            for g1 in first:
+                in1 = codes == lookup[g1]
+                in2 = codes == lookup[str(group2)] if group2 is not None else ~in1
+                if not in2.any():
+                    raise DataError(f"no cell to compare group {g1!r} with")
+                cells1 = rng.choice(np.flatnonzero(in1), int(n_samples))
+                cells2 = rng.choice(np.flatnonzero(in2), int(n_samples))
+                draws1 = self._expression_fraction_samples(data, cells1, modalities, batch_size)
+                draws2 = self._expression_fraction_samples(data, cells2, modalities, batch_size)
+                name2 = "Rest" if group2 is None else str(group2)
+                for m in modalities:
+                    sums = stats[m]
+                    raw1 = _group_means(sums, in1, codes)
+                    raw2 = _group_means(sums, in2, codes)
+                    offset = pseudocounts
+                    if offset is None:
+                        offset = estimate_pseudocounts(
+                            draws1[m], draws2[m], raw1["raw_mean"] < 0.01, raw2["raw_mean"] < 0.01
+                        )
+                    result = change_statistics(draws1[m], draws2[m], float(delta), offset)
+                    first_keys = ("proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2")
+                    columns: dict[str, Any] = {k: result[k] for k in first_keys}
+                    columns.update(pseudocounts=offset, delta=float(delta))
+                    columns.update({k: v for k, v in result.items() if k.startswith("lfc_")})
+                    for stat in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
+                        columns[f"{stat}1"], columns[f"{stat}2"] = raw1[stat], raw2[stat]
+                    index = pd.Index(self._features(m), name="feature")
+                    table = pd.DataFrame(columns, index=index)
+                    table = table.sort_values("proba_de", ascending=False, kind="stable")
+                    table[f"is_de_fdr_{fdr_target}"] = fdr_calls(
+                        table["proba_de"].to_numpy(), float(fdr_target)
+                    )
+                    table["comparison"] = f"{g1} vs {name2}"
+                    table["group1"], table["group2"], table["group"] = g1, name2, g1
+                    if len(self._count_modalities()) > 1:
+                        table["modality"] = m
+                    tables.append(table)
+        return pd.concat(tables)
+
+
+def _group_means(sums: np.ndarray, cells: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-feature raw statistics of the cells in mask ``cells`` from the per-code sums of
+    :meth:`PosteriorMixin._count_statistics` (every cell of a code is in or out)."""
+    members = np.unique(codes[cells])
+    total = sums[:, members].sum(axis=1)
+    n = max(float(total[3, 0]), 1.0)
+    return {
+        "raw_mean": total[0] / n,
+        "non_zeros_proportion": total[1] / n,
+        "raw_normalized_mean": total[2] / n,
+    }

@@ -166,15 +166,6 @@ def _read_run(run_dir: Path) -> tuple[EvaluationData, dict[str, Any]]:
     return adapter.evaluation_data(run_dir, meta), meta
 
 
-def _run_config(run_dir: Path) -> Any:
-    path = layout.run_config_path(run_dir)
-    if path is None:
-        return None
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(path)
-
-
 def _mixing_key(keys: CovariateKeys) -> tuple[str | None, str]:
     """The obs column whose mixing is measured: the finest technical unit available."""
     for key, what in (
@@ -556,26 +547,6 @@ def _log_wandb(
         payload["evaluate/scib_metrics"] = wandb.Table(dataframe=scib_table.reset_index())
     for name, p in figures.items():
         payload[f"figures/evaluate_{name}"] = wandb.Image(str(p))
-    if logger is not None and type(logger).__name__ == "WandbLogger":
-        logger.experiment.log(payload)
-        return
-    from regvi.tracking import wandb_mode
+    from regvi.tracking import log_after_run
 
-    cfg = _run_config(run_dir)
-    if cfg is None or cfg.logger.name != "wandb" or wandb_mode(cfg.logger.mode) == "disabled":
-        return
-    lc = cfg.logger
-    run = wandb.init(
-        project=lc.project,
-        entity=lc.get("entity"),
-        group=lc.get("group"),
-        name=f"{lc.get('run_name') or run_dir.name}-evaluate",
-        dir=str(run_dir),
-        mode=wandb_mode(lc.mode),
-        job_type="evaluate",
-        reinit="finish_previous",
-    )
-    try:
-        run.log(payload)
-    finally:
-        run.finish()
+    log_after_run(run_dir, payload, "evaluate", logger)
