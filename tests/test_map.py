@@ -142,7 +142,7 @@ def test_map_run_places_a_left_out_library(tmp_path):
     assert len(pd.read_csv(out / "history.csv")) > 0
 
 
-def test_map_query_surgery_keeps_reference_columns():
+def test_map_query_surgery_keeps_reference_columns(tmp_path):
     """The library key conditions the encoder (not the decoder) and is the first of two
     feature-scaling keys: the new rows are inserted between the known ones, only they are learned, and the
     reference latent stays bitwise equal. Queries the mapping refuses."""
@@ -194,6 +194,22 @@ def test_map_query_surgery_keeps_reference_columns():
         model.map_query(query[:, 1:].copy(), max_epochs=1)
     with pytest.raises(ConfigError, match="weight_decay"):
         model.map_query(query, weight_decay=0.1)
+    # one reference library: its dispersion is not pooled, nor after mapping (save + load)
+    single = adata[adata.obs["batch"] == "batch_0"].copy()
+    AmbientRegularizedSCVI.setup_anndata(single, batch_key="batch")
+    one = AmbientRegularizedSCVI(single, n_latent=4, n_hidden=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+        two = one.map_query(query, max_epochs=1, enable_progress_bar=False)
+    assert two.init_params["dispersion_pooling"] is False
+    assert two.get_dispersion().shape == (2, 40)  # batch_0, batch_2
+    two.save(tmp_path / "two")
+    reloaded = AmbientRegularizedSCVI.load(tmp_path / "two", query)
+    np.testing.assert_array_equal(
+        reloaded.get_latent_representation(), two.get_latent_representation()
+    )
+
     AmbientRegularizedSCVI.setup_anndata(ref)  # no library key: nothing to map
     with pytest.raises(ConfigError, match="library key"):
         AmbientRegularizedSCVI(ref, n_hidden=8).map_query(query)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from regvi.data.covariates import LIST_ROLES, ROLE_NAMES, SINGLE_ROLES, CovariateEncoder
+from regvi.data.loader import stratified_split
 from regvi.errors import ConfigError, DataError
 from regvi.module.components import CountModality
 from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
@@ -77,6 +78,10 @@ class QueryMappingMixin:
         """Every covariate encoder of the model (shared and per modality)."""
         raise NotImplementedError
 
+    def _set_option(self, key: str, modality: str, value: Any) -> None:  # pragma: no cover
+        """Set model option ``key`` of ``modality`` in ``init_params``."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- mapping
     def map_query(
         self,
@@ -121,9 +126,10 @@ class QueryMappingMixin:
         The returned model is an ordinary model (categories: the reference's libraries, then
         the new ones; ``save``/``load`` work, and it encodes reference cells too); its
         ``history`` is the mapping's. ``max_epochs`` defaults to scvi-tools' heuristic for
-        the query size; other keyword arguments go to :meth:`train` (``accelerator``,
-        ``precision``, ``logger``, ``enable_progress_bar``, ``split_seed``,
-        ``early_stopping`` with ``train_size < 1``, ...). Without new libraries nothing is
+        the query size; ``batch_size`` is capped at the number of query training cells;
+        other keyword arguments go to :meth:`train` (``accelerator``, ``precision``,
+        ``logger``, ``enable_progress_bar``, ``split_seed``, ``early_stopping`` with
+        ``train_size < 1``, ...). Without new libraries nothing is
         learned.
         """
         fixed = sorted(set(train_kwargs) & set(_FIXED_TRAIN_ARGUMENTS))
@@ -159,6 +165,11 @@ class QueryMappingMixin:
         )
         if not added:
             return mapped
+        # a small query trains in smaller minibatches rather than failing
+        n_train = stratified_split(
+            mapped._strata(), train_size, seed=train_kwargs.get("split_seed", 0)
+        )[0].size
+        batch_size = min(batch_size, n_train)
         before = {k: v.detach().clone() for k, v in mapped.module.state_dict().items()}
         grown = mapped._add_library_rows(key, len(added))
         handles = _freeze_except(mapped.module, grown)
@@ -246,6 +257,10 @@ class QueryMappingMixin:
                             )
                 elif short == "dispersion":
                     grow(part.dispersion, position, lambda d=part.dispersion: d.add_groups(n_new))
+                    if not part.dispersion.pooled:
+                        # one reference group (or pooling off): the groups stay independent,
+                        # and the saved arguments say so (a rebuilt module would pool them)
+                        self._set_option("dispersion_pooling", spec.name, False)
                 elif short == "library_size":
                     prior = library_prior_stats(
                         totals, spec.codes["library_size"] - position, n_new

@@ -601,6 +601,15 @@ class RegularizedMultimodalVI(BaseModel):
     def _covariate_encoders(self) -> list[CovariateEncoder]:
         return [self.shared_covariates, *self.covariates.values()]
 
+    def _set_option(self, key: str, modality: str, value: Any) -> None:
+        current = self.init_params[key]
+        per_modality = (
+            dict(current)
+            if isinstance(current, Mapping)
+            else {m: current for m in self.modality_names}
+        )
+        self.init_params[key] = {**per_modality, modality: value}
+
     def _mapping_parts(self) -> list[MappingPart]:
         """Per modality, its cells measured in it (as :meth:`_data_driven_init` uses)."""
         self._dataset()  # fills the cache

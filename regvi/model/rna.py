@@ -464,6 +464,9 @@ class AmbientRegularizedSCVI(BaseModel):
     def _covariate_encoders(self) -> list[CovariateEncoder]:
         return [self.covariates]
 
+    def _set_option(self, key: str, modality: str, value: Any) -> None:
+        self.init_params[key] = value
+
     def _mapping_parts(self) -> list[MappingPart]:
         self._dataset()  # fills the cache
         X, codes = self._data_cache
