@@ -118,6 +118,80 @@ def knn_graph(
     return KnnGraph(idx, dist, queries, n)
 
 
+def _nearest(
+    reference: np.ndarray, query: np.ndarray, k: int, approximate: bool | None, seed: int
+) -> np.ndarray:
+    """Indices ``(n_query, k)`` of the ``k`` nearest reference cells of each query cell
+    (Euclidean, nearest first), as :func:`knn_graph` searches."""
+    if approximate is None:
+        approximate = reference.shape[0] > APPROX_KNN_ABOVE
+    if approximate:
+        try:
+            from pynndescent import NNDescent
+        except ImportError:
+            approximate = False
+    if approximate:
+        index = NNDescent(reference, n_neighbors=max(k, 15), random_state=seed, n_jobs=-1)
+        return index.query(query, k=k)[0].astype(np.int64)
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k, n_jobs=-1).fit(reference)
+    return nn.kneighbors(query, return_distance=False).astype(np.int64)
+
+
+def knn_label_transfer(
+    reference: np.ndarray,
+    labels: Sequence | np.ndarray | pd.Series,
+    query: np.ndarray,
+    k: int = 15,
+    approximate: bool | None = None,
+    seed: int = 0,
+    chunk_cells: int = 10_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Labels of ``query`` cells by majority vote of their ``k`` nearest ``reference``
+    cells in a shared embedding (reference cells without a label are left out).
+
+    For query cell :math:`q` with neighbours :math:`N_k(q)`, the predicted label is
+    :math:`\hat y_q = \arg\max_c n_c(q)`, :math:`n_c(q) = |\{r \in N_k(q): y_r = c\}|`
+    (a tie goes to the label of the nearest neighbour when it is among the tied), and the
+    uncertainty is :math:`1 - n_{\hat y_q}(q)/k`: 0 when every neighbour agrees, near
+    :math:`1 - 1/C` for an even split over C labels. Returns ``(predicted, uncertainty)``,
+    an object array of label strings and a float array; computed ``chunk_cells`` query
+    cells at a time.
+    """
+    reference, query = _as_embedding(reference), _as_embedding(query)
+    values = pd.Series(np.asarray(labels, dtype=object))
+    if len(values) != reference.shape[0]:
+        raise DataError(
+            f"knn_label_transfer: {len(values)} labels for {reference.shape[0]} reference cells"
+        )
+    if reference.shape[1] != query.shape[1]:
+        raise DataError(
+            f"knn_label_transfer: the reference has {reference.shape[1]} dimensions, the query "
+            f"{query.shape[1]}"
+        )
+    known = values.notna().to_numpy()
+    if not known.any():
+        raise DataError("knn_label_transfer: no reference cell has a label")
+    codes, categories = pd.factorize(values[known].astype(str))
+    reference = reference[known]
+    k = int(min(k, reference.shape[0]))
+    if k < 1:
+        raise DataError(f"knn_label_transfer: k must be at least 1, got {k}")
+    predicted = np.empty(query.shape[0], dtype=np.int64)
+    uncertainty = np.empty(query.shape[0], dtype=np.float64)
+    for start in range(0, query.shape[0], chunk_cells):
+        neighbours = codes[
+            _nearest(reference, query[start : start + chunk_cells], k, approximate, seed)
+        ]
+        votes = np.zeros((neighbours.shape[0], len(categories)))
+        np.add.at(votes, (np.arange(neighbours.shape[0])[:, None], neighbours), 1.0)
+        winner = (votes + 0.5 * (np.arange(len(categories)) == neighbours[:, :1])).argmax(axis=1)
+        predicted[start : start + len(winner)] = winner
+        uncertainty[start : start + len(winner)] = 1.0 - votes[np.arange(len(winner)), winner] / k
+    return np.asarray(categories, dtype=object)[predicted], uncertainty
+
+
 def _drop_self(
     idx: np.ndarray, dist: np.ndarray, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:

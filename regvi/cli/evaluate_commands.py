@@ -1,5 +1,5 @@
-"""The ``regvi evaluate``, ``regvi predict`` and ``regvi de`` commands (added to the app by
-:func:`register`)."""
+"""The ``regvi evaluate``, ``regvi predict``, ``regvi map`` and ``regvi de`` commands (added
+to the app by :func:`register`)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,44 @@ def predict(
     typer.echo(str(out))
 
 
+def map_query(
+    ctx: typer.Context,
+    run_dir: Annotated[Path, typer.Argument(help="A finished `regvi train` run directory.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Output directory (default: <run_dir>/map/<time>)."),
+    ] = None,
+    n_neighbors: Annotated[
+        int, typer.Option("--n-neighbors", help="k of the kNN label transfer.")
+    ] = 15,
+    debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
+) -> None:
+    """Map cells from new libraries onto a trained reference: regvi map RUN_DIR
+    data.path=query.h5ad (an RNA run) or data.path=query.h5mu (a multimodal run);
+    optionally trainer.max_epochs=N, trainer.accelerator=gpu, data.batch_size=N,
+    data.layer=counts (RNA), outputs.figures=false, seed=0. The reference network stays
+    frozen; each new library gets its own ambient, feature scaling, dispersion and
+    library-size prior, learned on the query cells. Writes the query's results file (obsm
+    X_regvi in the reference's latent space; with the run's labels column, the transferred
+    label and its uncertainty in obs), the mapped model and figures/map_umap.png; prints the
+    output directory."""
+    import os
+
+    if debug:
+        os.environ["REGVI_DEBUG"] = "1"
+    _setup_logging()
+    from regvi.run.map import MAP_KEYS, map_query_run
+    from regvi.run.predict import parse_overrides
+
+    try:
+        overrides = parse_overrides(list(ctx.args), MAP_KEYS, "map")
+        out = map_query_run(run_dir, out_dir=out_dir, overrides=overrides, n_neighbors=n_neighbors)
+    except RegviError as exc:
+        _fail(exc)
+        return
+    typer.echo(str(out))
+
+
 def de(
     run_dir: Annotated[Path, typer.Argument(help="A `regvi train` run directory.")],
     groupby: Annotated[str, typer.Option("--groupby", help="obs column of the groups.")],
@@ -195,10 +233,9 @@ def de(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``evaluate``, ``predict`` and ``de`` to ``app``."""
+    """Add ``evaluate``, ``predict``, ``map`` and ``de`` to ``app``."""
     app.command("evaluate")(evaluate)
     app.command("de")(de)
-    app.command(
-        "predict",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(predict)
+    extra_arguments = {"allow_extra_args": True, "ignore_unknown_options": True}
+    app.command("predict", context_settings=extra_arguments)(predict)
+    app.command("map", context_settings=extra_arguments)(map_query)

@@ -187,14 +187,7 @@ class CovariateEncoder:
     def fit(self, obs: pd.DataFrame) -> CovariateEncoder:
         self._check_columns(obs)
         for col in self.keys.categorical_columns():
-            series = obs[col]
-            self._check_no_missing(series, col)
-            if isinstance(series.dtype, pd.CategoricalDtype):
-                present = set(series.unique())
-                cats = [str(c) for c in series.cat.categories if c in present]
-            else:
-                cats = sorted({str(v) for v in series.unique()})
-            self.categories[col] = cats
+            self.categories[col] = self._categories_of(obs, col)
         for col in self.keys.continuous_covariate_keys:
             values = pd.to_numeric(obs[col], errors="coerce").to_numpy(dtype=np.float64)
             if not np.all(np.isfinite(values)):
@@ -206,6 +199,29 @@ class CovariateEncoder:
             self.continuous_stats[col] = (float(values.mean()), std if std > 0 else 1.0)
         self._check_library_dataset(obs)
         return self
+
+    def _categories_of(self, obs: pd.DataFrame, col: str) -> list[str]:
+        """The categories present in ``obs[col]``: in the pandas categorical order if the
+        column is categorical, otherwise sorted (as strings)."""
+        series = obs[col]
+        self._check_no_missing(series, col)
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            present = set(series.unique())
+            return [str(c) for c in series.cat.categories if c in present]
+        return sorted({str(v) for v in series.unique()})
+
+    def add_categories(self, obs: pd.DataFrame, col: str) -> list[str]:
+        """Append to ``col``'s stored categories those of ``obs[col]`` not seen so far (in
+        :meth:`fit`'s order) and return them; existing codes are unchanged. Query mapping
+        uses it for the library key: the new libraries get codes after the known ones."""
+        if col not in self.categories:
+            raise DataError(f"obs column {col!r} is not a categorical covariate of the model")
+        if col not in obs.columns:
+            raise DataError(f"obs column {col!r} not found in the data")
+        known = set(self.categories[col])
+        new = [c for c in self._categories_of(obs, col) if c not in known]
+        self.categories[col] = [*self.categories[col], *new]
+        return new
 
     def _check_columns(self, obs: pd.DataFrame) -> None:
         wanted = self.keys.categorical_columns() + self.keys.continuous_covariate_keys

@@ -3,6 +3,7 @@ batching, persistence. Model classes add data set-up and the module they build."
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import warnings
@@ -23,6 +24,7 @@ from regvi.data.loader import (
     stratified_split,
 )
 from regvi.errors import DataError, RegviError
+from regvi.model.mapping import QueryMappingMixin
 from regvi.model.posterior import DifferentialExpressionMixin, PosteriorMixin
 from regvi.outputs import atomic_write
 from regvi.run.layout import MODEL_HISTORY, MODEL_METADATA, MODEL_WEIGHTS
@@ -60,14 +62,15 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(1, min(round(20000 / max(n_cells, 1) * 400), 400)))
 
 
-class BaseModel(PosteriorMixin, DifferentialExpressionMixin):
+class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
     """Common training / inference / persistence logic.
 
     Subclasses provide ``_dataset(adata) -> CsrMinibatchDataset`` (validated data for any
     AnnData/MuData compatible with the model), ``_strata`` (library codes of the training
     cells for the stratified split), ``n_features``, ``_build_module`` and the hooks of
     :class:`~regvi.model.posterior.PosteriorMixin` (posterior predictive samples and checks,
-    library size, KL, reconstruction error, differential expression).
+    library size, KL, reconstruction error, differential expression) and of
+    :class:`~regvi.model.mapping.QueryMappingMixin` (query mapping).
     """
 
     module: torch.nn.Module
@@ -115,6 +118,22 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin):
                 f"call {cls.__name__}.{cls.SETUP_METHOD}(...) before creating the model"
             )
         return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+    def _copy(self, data: Any) -> BaseModel:
+        """An independent copy of this model (arguments, set-up, covariate encoders, feature
+        names, module) with ``data`` as its default data: what :meth:`save` and
+        :meth:`_load` would give, without files."""
+        model = type(self).__new__(type(self))
+        BaseModel.__init__(model)
+        model.init_params = copy.deepcopy(self.init_params)
+        model.setup_ = copy.deepcopy(self.setup_)
+        model.n_obs_training_ = self.n_obs_training_
+        model._restore(json.loads(json.dumps(self._metadata())))
+        model.module = copy.deepcopy(self.module)
+        model.module.eval()
+        model._attach(data)
+        model.is_trained_ = self.is_trained_
+        return model
 
     def _attach(self, data: Any) -> None:
         """Make ``data`` the model's default data (validated lazily, on first use)."""

@@ -28,6 +28,7 @@ from regvi.data.mudata_io import (
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
 from regvi.model.defaults import MULTIMODAL_DEFAULTS, MULTIMODAL_FALLBACKS
+from regvi.model.mapping import MappingPart
 from regvi.model.posterior import ModalityDecode
 from regvi.module.components import LibraryPrior
 from regvi.module.init import (
@@ -228,8 +229,11 @@ class RegularizedMultimodalVI(BaseModel):
 
     def _cells(self, mdata: Any) -> pd.Index:
         if mdata is None or mdata is self.mdata:
-            self._dataset()  # fills the cache
-            return self._data_cache[2]
+            if self._data_cache is not None:
+                return self._data_cache[2]
+            if self.mdata is None:
+                raise RegviError("this model was loaded without data: pass mdata=")
+            mdata = self.mdata
         return shared_cells(mdata, self.modality_names, self.setup_["missing_cells"])
 
     def _strata(self) -> np.ndarray:
@@ -592,6 +596,44 @@ class RegularizedMultimodalVI(BaseModel):
             width = self.module.latent_blocks[m].stop - self.module.latent_blocks[m].start
             blocks.append(inf["per_modality"][m]["measured"][:, None].expand(-1, width))
         return torch.cat(blocks, dim=1)
+
+    # ---------------------------------------------------------------- mapping hooks
+    def _covariate_encoders(self) -> list[CovariateEncoder]:
+        return [self.shared_covariates, *self.covariates.values()]
+
+    def _set_option(self, key: str, modality: str, value: Any) -> None:
+        current = self.init_params[key]
+        per_modality = (
+            dict(current)
+            if isinstance(current, Mapping)
+            else {m: current for m in self.modality_names}
+        )
+        self.init_params[key] = {**per_modality, modality: value}
+
+    def _mapping_parts(self) -> list[MappingPart]:
+        """Per modality, its cells measured in it (as :meth:`_data_driven_init` uses)."""
+        self._dataset()  # fills the cache
+        matrices, codes, _ = self._data_cache
+        parts = []
+        for m in self.modality_names:
+            X = matrices[m]
+            measured = cell_totals(X) > 0
+            prefix = f"{m}/"
+            role_codes = {
+                k[len(prefix) :]: v[measured] for k, v in codes.items() if k.startswith(prefix)
+            }
+            parts.append(
+                MappingPart(
+                    m,
+                    self.module.modalities[m],
+                    self.covariates[m],
+                    [self.module.encoders[m]],
+                    self.option("ambient_init_gene_fraction", m),
+                    X[measured],
+                    role_codes,
+                )
+            )
+        return parts
 
     # ---------------------------------------------------------------- persistence
     def _metadata(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
 from regvi.model.defaults import RNA_DEFAULTS
+from regvi.model.mapping import MappingPart
 from regvi.model.posterior import ModalityDecode
 from regvi.module.components import LibraryPrior
 from regvi.module.init import cell_totals, data_dependent_init, library_prior_stats
@@ -458,6 +459,28 @@ class AmbientRegularizedSCVI(BaseModel):
 
     def _library_key(self) -> str | None:
         return self.covariates.keys.library_key
+
+    # ---------------------------------------------------------------- mapping hooks
+    def _covariate_encoders(self) -> list[CovariateEncoder]:
+        return [self.covariates]
+
+    def _set_option(self, key: str, modality: str, value: Any) -> None:
+        self.init_params[key] = value
+
+    def _mapping_parts(self) -> list[MappingPart]:
+        self._dataset()  # fills the cache
+        X, codes = self._data_cache
+        return [
+            MappingPart(
+                "rna",
+                self.module.rna,
+                self.covariates,
+                [self.module.z_encoder],
+                self.init_params["ambient_init_gene_fraction"],
+                X,
+                codes,
+            )
+        ]
 
     # ---------------------------------------------------------------- persistence
     def _metadata(self) -> dict[str, Any]:

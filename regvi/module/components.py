@@ -26,6 +26,7 @@ from regvi.distributions import (
 )
 from regvi.module.base import Stochastic
 from regvi.nn import Decoder, Encoder
+from regvi.nn.layers import insert_rows
 
 #: softplus(0) / 0.7 is 0.990: feature scaling starts at (almost exactly) one.
 FEATURE_SCALING_DIVISOR = 0.7
@@ -151,14 +152,34 @@ class AmbientBackground(nn.Module):
         init_log_ambient: np.ndarray | None = None,
     ):
         super().__init__()
+        self.regularise = regularise
+        self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
+        self.log_ambient = nn.Parameter(
+            self.initial_rows(n_categories, n_features, init_log_ambient)
+        )
+
+    def initial_rows(
+        self, n_categories: int, n_features: int, init_log_ambient: np.ndarray | None = None
+    ) -> torch.Tensor:
+        r"""Starting :math:`\beta` of ``n_categories`` categories: the data-dependent
+        ``init_log_ambient`` (see :func:`regvi.module.init.ambient_init`), else the prior
+        mean :math:`\log(\alpha/\beta)`, plus :math:`\mathcal N(0, 0.01^2)` noise."""
         init = (
             torch.as_tensor(init_log_ambient, dtype=torch.float32)
             if init_log_ambient is not None
-            else torch.full((n_categories, n_features), float(np.log(prior_alpha / prior_beta)))
+            else torch.full(
+                (n_categories, n_features), float(np.log(self.prior_alpha / self.prior_beta))
+            )
         )
-        self.log_ambient = nn.Parameter(init + 0.01 * torch.randn(n_categories, n_features))
-        self.regularise = regularise
-        self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
+        return init + 0.01 * torch.randn(n_categories, n_features)
+
+    def add_categories(self, position: int, init_log_ambient: np.ndarray) -> None:
+        """Insert rows for new categories before row ``position``, started as at
+        construction from ``init_log_ambient`` ``(n_new, G)`` (query mapping)."""
+        rows = self.initial_rows(
+            init_log_ambient.shape[0], self.log_ambient.shape[1], init_log_ambient
+        )
+        insert_rows(self, "log_ambient", position, rows)
 
     def profiles(self) -> torch.Tensor:
         """:math:`s = e^\beta`, one row per ambient category, ``(n_categories, G)``."""
@@ -207,6 +228,11 @@ class FeatureScaling(nn.Module):
         super().__init__()
         self.raw = nn.Parameter(torch.zeros(max(n_categories, 1), n_features))
         self.prior_alpha, self.prior_beta = prior_alpha, prior_beta
+
+    def add_categories(self, position: int, n: int) -> None:
+        r"""Insert ``n`` rows before row ``position``, started as at construction at
+        :math:`\gamma = 0` (:math:`y = 0.99`, the prior mean) (query mapping)."""
+        insert_rows(self, "raw", position, self.raw.new_zeros(n, self.raw.shape[1]))
 
     def factors(self) -> torch.Tensor:
         return F.softplus(self.raw) / FEATURE_SCALING_DIVISOR
@@ -305,35 +331,57 @@ class HierarchicalDispersion(Stochastic):
         pool_groups: bool = True,
     ):
         super().__init__()
-        init_mean = float(-np.log(hyper_prior_mean**2))
+        self.hyper_prior_mean = float(hyper_prior_mean)
         # without the prior there is nothing to pool through
         self.pooled = bool(pool_groups) and regularise and n_groups > 1
         if self.pooled:
+            init_mean = float(-np.log(hyper_prior_mean**2))
             half_log_sigma = float(np.log(0.1 / np.sqrt(2.0)))
             self.centre_mean = nn.Parameter(torch.full((1, n_features), init_mean))
             self.centre_log_sigma = nn.Parameter(torch.full((1, n_features), half_log_sigma))
-            self.offset_mean = nn.Parameter(torch.zeros(n_groups, n_features))
-            self.offset_log_sigma = nn.Parameter(torch.full((n_groups, n_features), half_log_sigma))
+        for name, value in self.initial_rows(n_groups, n_features).items():
+            setattr(self, name, nn.Parameter(value))
+        if self.pooled:
             self.log_pool_scale = nn.Parameter(torch.tensor(float(np.log(POOL_SCALE_INIT))))
-        else:
-            self.log_theta_mean = nn.Parameter(
-                torch.full((n_groups, n_features), init_mean)
-                + 0.1 * torch.randn(n_groups, n_features)
-            )
-            self.log_theta_log_sigma = nn.Parameter(
-                torch.full((n_groups, n_features), float(np.log(0.1)))
-            )
-        rate_init = 1.0 / hyper_prior_mean
-        self.rate_raw = nn.Parameter(
-            torch.full(
-                (1 if self.pooled else n_groups,),
-                float(rate_init + np.log(-np.expm1(-rate_init))),
-            )
-        )
+        # pooled: one rate, for the centre; independent: one per group
+        self.rate_raw = nn.Parameter(self.initial_rates(1 if self.pooled else n_groups))
         self.hyper_alpha = float(hyper_prior_alpha)
         self.hyper_beta = float(hyper_prior_alpha * hyper_prior_mean)
         self.regularise = regularise
         self.jacobian = bool(jacobian)
+
+    def initial_rows(self, n_groups: int, n_features: int) -> dict[str, torch.Tensor]:
+        r"""The per-group tables of ``n_groups`` groups as constructed. Pooled: offsets
+        :math:`a = 0` (each group starts at the per-feature centre), :math:`b = 0.1/\sqrt2`.
+        Independent: :math:`\mu = -\log m^2 + 0.1\epsilon`, :math:`\sigma = 0.1`."""
+        if self.pooled:
+            half_log_sigma = float(np.log(0.1 / np.sqrt(2.0)))
+            return {
+                "offset_mean": torch.zeros(n_groups, n_features),
+                "offset_log_sigma": torch.full((n_groups, n_features), half_log_sigma),
+            }
+        init_mean = float(-np.log(self.hyper_prior_mean**2))
+        return {
+            "log_theta_mean": torch.full((n_groups, n_features), init_mean)
+            + 0.1 * torch.randn(n_groups, n_features),
+            "log_theta_log_sigma": torch.full((n_groups, n_features), float(np.log(0.1))),
+        }
+
+    def initial_rates(self, n: int) -> torch.Tensor:
+        r"""``n`` raw rates at :math:`\lambda = \mathrm{softplus}(r) = 1/m`."""
+        rate_init = 1.0 / self.hyper_prior_mean
+        return torch.full((n,), float(rate_init + np.log(-np.expm1(-rate_init))))
+
+    def add_groups(self, n: int) -> None:
+        """Append ``n`` groups, started as at construction (query mapping): pooled, at the
+        learned per-feature centre (offset 0) under the learned spread τ, sharing the
+        centre's rate; independent, at the prior's θ ≈ 9, each with its own rate. The
+        existing groups, the centre, τ and the existing rates are unchanged."""
+        rows = self.initial_rows(n, self.median_log_theta().shape[1])
+        if not self.pooled:
+            rows["rate_raw"] = self.initial_rates(n)
+        for name, value in rows.items():
+            insert_rows(self, name, getattr(self, name).shape[0], value)
 
     def rate(self) -> torch.Tensor:
         return F.softplus(self.rate_raw)
@@ -494,14 +542,13 @@ class LearnedLibrarySize(Stochastic):
     ):
         super().__init__()
         self.observed = observed
+        self.log_vars_weight = float(log_vars_weight)
         log_means = torch.as_tensor(prior.log_means, dtype=torch.float32)
-        global_log_mean = log_means.mean()
-        prior_vars = torch.as_tensor(prior.log_vars, dtype=torch.float32) * log_vars_weight
-        self.register_buffer("prior_means", log_means - global_log_mean + log_sensitivity)
-        # A group with one cell (or identical libraries) has zero variance: floor it.
-        self.register_buffer("prior_vars", torch.clamp(prior_vars, min=1e-3))
-        self.register_buffer("global_log_mean", global_log_mean)
+        self.register_buffer("global_log_mean", log_means.mean())
         self.register_buffer("log_sensitivity", torch.tensor(float(log_sensitivity)))
+        means, variances = self.prior_rows(prior)
+        self.register_buffer("prior_means", means)
+        self.register_buffer("prior_vars", variances)
         self.encoder = Encoder(
             n_in, 1, n_hidden, 1, dropout_rate, n_categories, activation=activation, **layer_options
         )
@@ -518,6 +565,25 @@ class LearnedLibrarySize(Stochastic):
             self.w_log_sigma = nn.Parameter(torch.full((), -2.0))
         else:
             self.depth_weight = nn.Parameter(torch.ones(()))
+
+    def prior_rows(self, prior: LibraryPrior) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The prior's mean :math:`m_p - \bar m + \log s` and variance
+        :math:`\max(w_v v_p, 10^{-3})` of each group of ``prior``, centred on this module's
+        :math:`\bar m` (a group with one cell, or identical libraries, has zero variance:
+        floored)."""
+        log_means = torch.as_tensor(prior.log_means, dtype=torch.float32)
+        log_vars = torch.as_tensor(prior.log_vars, dtype=torch.float32)
+        means = log_means - self.global_log_mean.cpu() + self.log_sensitivity.cpu()
+        variances = torch.clamp(log_vars * self.log_vars_weight, min=1e-3)
+        return means, variances
+
+    def add_groups(self, prior: LibraryPrior) -> None:
+        r"""Append the groups of ``prior`` (statistics of new data, from
+        :func:`regvi.module.init.library_prior_stats`), centred like the existing ones on the
+        training data's :math:`\bar m` (query mapping); nothing else changes."""
+        means, variances = self.prior_rows(prior)
+        insert_rows(self, "prior_means", self.prior_means.shape[0], means)
+        insert_rows(self, "prior_vars", self.prior_vars.shape[0], variances)
 
     def forward(
         self,

@@ -168,6 +168,21 @@ class InputLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def insert_rows(module: nn.Module, name: str, position: int, rows: torch.Tensor) -> None:
+    """Insert ``rows`` into the table ``module.<name>`` (a parameter or a buffer, rows along
+    dimension 0) before its row ``position``: the table grows by ``len(rows)`` rows, every
+    existing row keeps its values (bitwise) and moves down by that many when it sat at or
+    after ``position``. A parameter is replaced by a new one (an optimiser holding the old
+    one must be rebuilt)."""
+    old = getattr(module, name)
+    rows = rows.to(dtype=old.dtype, device=old.device)
+    table = torch.cat([old.detach()[:position], rows, old.detach()[position:]])
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(table, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, table)
+
+
 class CategoricalInjection(nn.Module):
     r"""Adds :math:`\sum_k W_k[c_k]` for categorical codes ``c`` (shape ``(B, n_keys)``).
 
@@ -184,8 +199,15 @@ class CategoricalInjection(nn.Module):
             # ±1/sqrt(fan in) (fan in: the layer's input width plus the categories). A much
             # smaller start (N(0, 0.01²), as before) lets a batch-conditioned decoder ignore
             # the batch early on, so z learns it instead: see docs/integration.md.
-            bound = 1.0 / math.sqrt(fan_in if fan_in else n_categories)
-            nn.init.uniform_(self.weight, -bound, bound)
+            self.bound = 1.0 / math.sqrt(fan_in if fan_in else n_categories)
+            nn.init.uniform_(self.weight, -self.bound, self.bound)
+
+    def add_categories(self, position: int, n: int) -> None:
+        """Insert the columns of ``n`` new categories before row ``position`` of the table,
+        initialised as at construction (uniform on ±1/sqrt(fan in)); the existing ones are
+        unchanged (scArches' surgery of a one-hot input layer, for query mapping)."""
+        rows = torch.empty(n, self.weight.shape[1]).uniform_(-self.bound, self.bound)
+        insert_rows(self, "weight", position, rows)
 
     def forward(self, codes: torch.Tensor | None) -> torch.Tensor | float:
         if self.weight is None or codes is None or codes.shape[-1] == 0:

@@ -122,10 +122,20 @@ class ModelAdapter:
         """The model saved in ``model_dir``, without data."""
         raise NotImplementedError
 
-    def new_data(self, model: Any, cfg: Any) -> Any:
-        """The cells of ``cfg.data.path`` matched to ``model`` (features reordered by name,
-        extra features dropped, covariates checked), set as the model's data."""
+    def read_matched(self, model: Any, cfg: Any) -> Any:
+        """The cells of ``cfg.data.path`` with ``model``'s features (reordered by name, extra
+        features dropped; missing ones are a :class:`~regvi.errors.DataError`); covariates
+        not checked yet."""
         raise NotImplementedError
+
+    def new_data(self, model: Any, cfg: Any) -> Any:
+        """The cells of ``cfg.data.path`` matched to ``model`` (see :meth:`read_matched`),
+        covariates checked (an unseen category fails here, before any output), set as the
+        model's data."""
+        data = self.read_matched(model, cfg)
+        model._attach(data)
+        model._dataset()
+        return data
 
     def labels_key(self, model: Any, data: Any) -> str | None:
         """The labels column the model was set up with, when ``data`` has it."""

@@ -13,6 +13,8 @@ A run directory (``regvi train``) holds::
     results.h5ad | .h5mu   the input cells with the latents and normalized values (by model)
     metrics.json, metrics.csv, neighbourhood_correlation.csv.gz   (``regvi evaluate``)
     predict/<time>/        ``regvi predict`` outputs (a run directory of their own)
+    map/<time>/            ``regvi map`` outputs: the query's results file (latent, predicted
+                           labels), the mapped model, figures/map_umap.png
     de/de_<groupby>.csv    ``regvi de`` tables (figures/de_<groupby>_volcano.png, _dotplot.png)
     wandb/, wandb_run_id, csv_logs/   tracking
     .hydra/                Hydra's copy of the composed config (CLI runs)
@@ -48,6 +50,9 @@ METRICS_CSV = "metrics.csv"
 SCIB_CSV = "scib_metrics.csv"
 NEIGHBOURHOOD_CSV = "neighbourhood_correlation.csv.gz"
 PREDICT_DIR = "predict"
+MAP_DIR = "map"
+#: Joint UMAP of reference and query cells (``regvi map``), in the map directory's figures.
+MAP_UMAP_FIGURE = "map_umap.png"
 DE_DIR = "de"
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG = "config.yaml"
@@ -69,6 +74,16 @@ NORMALIZED_LAYER = "regvi_normalized"
 #: uns key holding the run's config as YAML.
 CONFIG_UNS_KEY = "regvi_config"
 UMAP_KEY = "X_umap"
+#: obs column of ``regvi map`` results: the uncertainty of the transferred label.
+PREDICTION_UNCERTAINTY = "regvi_prediction_uncertainty"
+#: obs column of the joint reference + query UMAP (``regvi map``): ``reference`` or ``query``.
+MAP_SOURCE = "origin"
+
+
+def predicted_label_column(labels_key: str) -> str:
+    """obs column of ``regvi map`` results: the label transferred from the reference
+    (``regvi_predicted_<labels_key>``)."""
+    return f"regvi_predicted_{labels_key}"
 
 
 def modality_latent_key(modality: str) -> str:

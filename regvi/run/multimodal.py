@@ -218,7 +218,7 @@ class MultimodalAdapter(ModelAdapter):
 
         return RegularizedMultimodalVI.load(model_dir)
 
-    def new_data(self, model: Any, cfg: DictConfig) -> Any:
+    def read_matched(self, model: Any, cfg: DictConfig) -> Any:
         import mudata
 
         from regvi.data.features import match_features
@@ -240,10 +240,7 @@ class MultimodalAdapter(ModelAdapter):
             warnings.simplefilter("ignore", FutureWarning)
             matched = mudata.MuData(aligned)
         matched.obs = mdata.obs.reindex(matched.obs_names).copy()
-        matched = _subset(matched, cells)
-        model.mdata, model._data_cache = matched, None
-        model._dataset(matched)  # covariates now: an unseen category fails before any output
-        return matched
+        return _subset(matched, cells)
 
     def labels_key(self, model: Any, data: Any) -> str | None:
         key = model.setup_.get("labels_key")

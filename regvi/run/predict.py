@@ -19,30 +19,30 @@ from regvi.config import TrainConfig, validate_config
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.outputs import atomic_write
 from regvi.run import layout
-from regvi.run.adapter import adapter_for_class
+from regvi.run.adapter import ModelAdapter, adapter_for_class
 
 log = logging.getLogger("regvi")
 
 #: Keys ``regvi predict`` accepts as ``key=value`` (prefixes end with a dot).
 PREDICT_KEYS = ("data.path", "data.layer", "seed", "trainer.enable_progress_bar", "outputs.")
 
-__all__ = ["PREDICT_KEYS", "parse_overrides", "run_config", "predict"]
+__all__ = ["PREDICT_KEYS", "parse_overrides", "run_config", "load_run_model", "predict"]
 
 
-def parse_overrides(args: Sequence[str]) -> dict[str, str]:
-    """``["data.path=x.h5ad", ...]`` -> ``{"data.path": "x.h5ad"}``; unknown keys are an
-    error listing the accepted ones."""
+def parse_overrides(
+    args: Sequence[str], keys: Sequence[str] = PREDICT_KEYS, command: str = "predict"
+) -> dict[str, str]:
+    """``["data.path=x.h5ad", ...]`` -> ``{"data.path": "x.h5ad"}``; a key not in ``keys``
+    (prefixes end with a dot) is an error listing the accepted ones."""
     out: dict[str, str] = {}
     for arg in args:
         key, eq, value = arg.partition("=")
         key = key.strip().lstrip("+")
         if not eq or not key:
             raise ConfigError(f"expected key=value, got {arg!r} (e.g. data.path=new.h5ad)")
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in PREDICT_KEYS):
-            raise ConfigError(
-                f"unknown key {key!r} for regvi predict; accepted: data.path, data.layer, seed, "
-                "trainer.enable_progress_bar, outputs.<key>"
-            )
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys):
+            accepted = ", ".join(f"{k}<key>" if k.endswith(".") else k for k in keys)
+            raise ConfigError(f"unknown key {key!r} for regvi {command}; accepted: {accepted}")
         out[key] = value
     return out
 
@@ -58,6 +58,35 @@ def run_config(run_dir: Path, overrides: Mapping[str, Any] | None = None) -> Dic
     except Exception as exc:
         raise ConfigError(f"invalid override: {str(exc).splitlines()[0]}") from None
     return validate_config(cfg)
+
+
+def load_run_model(
+    run_dir: Path, values: Mapping[str, Any], command: str
+) -> tuple[DictConfig, ModelAdapter, Any]:
+    """The run's config with ``values`` applied, the adapter of its model and the model saved
+    in ``<run_dir>/model`` (with ``data.layer`` from ``values`` as its count layer), for a
+    command that reads new cells (``data.path`` is required)."""
+    model_dir = run_dir / layout.MODEL_DIR
+    metadata_path = model_dir / layout.MODEL_METADATA
+    if not metadata_path.exists():
+        raise DataError(
+            f"{run_dir} has no {layout.MODEL_DIR}/{layout.MODEL_METADATA}; is it a regvi train run?"
+        )
+    if not values.get("data.path"):
+        raise ConfigError(f"regvi {command} needs the new cells: data.path=<file>")
+    cfg = run_config(run_dir, {k: v for k, v in values.items() if k != "data.layer"})
+    class_name = json.loads(metadata_path.read_text()).get("class", "")
+    adapter = adapter_for_class(class_name, model_dir)
+    model = adapter.load_model(model_dir)
+    if "data.layer" in values:
+        if "layer" not in model.setup_:
+            raise ConfigError(
+                f"data.layer does not apply to a {class_name}: its count layers are the "
+                "modalities' training layers"
+            )
+        lay = values["data.layer"]
+        model.setup_["layer"] = None if lay in ("", "null", "None") else lay
+    return cfg, adapter, model
 
 
 def predict(
@@ -79,31 +108,12 @@ def predict(
     the modalities' training layers.
     """
     run_dir = Path(run_dir)
-    model_dir = run_dir / layout.MODEL_DIR
-    metadata_path = model_dir / layout.MODEL_METADATA
-    if not metadata_path.exists():
-        raise DataError(
-            f"{run_dir} has no {layout.MODEL_DIR}/{layout.MODEL_METADATA}; is it a regvi train run?"
-        )
     values = dict(overrides or {})
     if data_path is not None:
         values["data.path"] = str(data_path)
     if layer is not None:
         values["data.layer"] = layer
-    if not values.get("data.path"):
-        raise ConfigError("regvi predict needs the new cells: data.path=<file>")
-    cfg = run_config(run_dir, {k: v for k, v in values.items() if k != "data.layer"})
-    class_name = json.loads(metadata_path.read_text()).get("class", "")
-    adapter = adapter_for_class(class_name, model_dir)
-    model = adapter.load_model(model_dir)
-    if "data.layer" in values:
-        if "layer" not in model.setup_:
-            raise ConfigError(
-                f"data.layer does not apply to a {class_name}: its count layers are the "
-                "modalities' training layers"
-            )
-        lay = values["data.layer"]
-        model.setup_["layer"] = None if lay in ("", "null", "None") else lay
+    cfg, adapter, model = load_run_model(run_dir, values, "predict")
     data = adapter.new_data(model, cfg)
     labels_key = adapter.labels_key(model, data)
     if out_dir is None:

@@ -157,17 +157,13 @@ class RnaAdapter(ModelAdapter):
 
         return AmbientRegularizedSCVI.load(model_dir)
 
-    def new_data(self, model: Any, cfg: DictConfig) -> Any:
+    def read_matched(self, model: Any, cfg: DictConfig) -> Any:
         from regvi.data.features import match_features
         from regvi.data.io import read_h5ad
 
         adata = read_h5ad(cfg.data.path)
         adata = match_features(adata, model.gene_names, "genes")
-        if adata.is_view:
-            adata = adata.copy()
-        model.adata, model._data_cache = adata, None
-        model._dataset(adata)  # covariates now: an unseen category fails before any output
-        return adata
+        return adata.copy() if adata.is_view else adata
 
     def evaluation_data(self, run_dir: Path, metadata: dict[str, Any]) -> EvaluationData:
         from regvi.data.io import count_matrix, read_h5ad
