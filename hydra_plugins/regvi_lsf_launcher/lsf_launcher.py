@@ -36,6 +36,9 @@ class LSFLauncherConf:
     setup: list[str] = field(default_factory=list)  # shell lines run before each element
     python: str | None = None  # interpreter of the elements (default: the submitting one)
     dry_run: bool = False  # print the bsub command and job script, submit nothing
+    requeue: bool = False  # -wa USR2 -wt warning_minutes -Q 99: checkpoint, requeue, resume
+    warning_minutes: int = 10  # bsub -wt: the warning signal comes this long before a kill
+    nodes: int = 1  # hosts per element: >1 with trainer=ddp is multi-node DDP (torchrun)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="lsf_schema", node=LSFLauncherConf)
