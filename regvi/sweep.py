@@ -217,12 +217,15 @@ def prepare_array(
     keys: Sequence[str] = (),
     train_args: Sequence[str] = (),
     cwd: str | Path | None = None,
+    devices: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """Write (or extend) ``manifest.json`` and render ``job.sh``; return the manifest.
 
     ``elements``: (job number, overrides, run dir) per job; the array index is number + 1, so
     later batches of the same sweep extend the manifest with new indices.
     ``train_args``: flags every element passes to ``regvi train`` (``--config-dir DIR``...).
+    ``devices``: job number -> the element's ``trainer.devices`` (processes per host of a
+    multi-node element, ``spec.nodes > 1``).
     """
     sweep_dir = Path(os.path.abspath(sweep_dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +258,7 @@ def prepare_array(
                 "overrides": list(element_overrides(overrides)),
                 "run_name": run_name(element_overrides(overrides), keys),
                 "dir": str(Path(os.path.abspath(run_dir))),
+                "devices": int((devices or {}).get(int(num), 1)),
             }
         )
     manifest["elements"].sort(key=lambda e: e["index"])
@@ -314,12 +318,19 @@ def bsub_command(manifest: dict[str, Any], spec: ArraySpec, indices: Sequence[in
     cmd = ["bsub", "-J", array]
     if spec.queue:
         cmd += ["-q", str(spec.queue)]
-    if spec.cores:
+    resources = str(spec.resources) if spec.resources else ""
+    if spec.nodes > 1:
+        # one slot on each of `nodes` hosts; each host gets the -gpu request
+        cmd += ["-n", str(int(spec.nodes))]
+        resources = re.sub(r"span\[[^\]]*\]", "span[ptile=1]", resources)
+        if "span[" not in resources:
+            resources = f"{resources} span[ptile=1]".strip()
+    elif spec.cores:
         cmd += ["-n", str(int(spec.cores))]
     if spec.memory:
         cmd += ["-M", str(int(spec.memory))]
-    if spec.resources:
-        cmd += ["-R", str(spec.resources)]
+    if resources:
+        cmd += ["-R", resources]
     if spec.gpu:
         cmd += ["-gpu", str(spec.gpu)]
     if spec.walltime:
@@ -352,6 +363,11 @@ def submit_array(
         echo(f"--- {script_path} ---")
         echo(script_path.read_text().rstrip("\n"))
         echo("--- end ---")
+        if spec.nodes > 1:
+            hosts = [f"<host{i + 1}>" for i in range(spec.nodes)]
+            launch = launch_command(manifest, manifest["elements"][0], hosts, "<jobid>", spec)
+            echo(f"each element's run-element then starts one torchrun per host ({spec.nodes}):")
+            echo(shlex.join(launch))
         return None
     exe = shutil.which(cmd[0])
     if exe is None:
@@ -402,6 +418,9 @@ def run_element(
         raise SweepError(f"element {index} is not in {sweep_dir / MANIFEST}")
     run_dir = Path(element["dir"])
     job_id = os.environ.get("LSB_JOBID")
+    nodes = int(manifest.get("spec", {}).get("nodes") or 1)
+    if nodes > 1 and in_torchrun():
+        return _run_rank(manifest, element, nodes, train)
     if results_path(run_dir) is not None:
         print(f"element {index} already finished: {run_dir}", flush=True)
         write_status(run_dir, "finished", 0, index=index, job_id=job_id)
@@ -428,7 +447,14 @@ def run_element(
     how = "resuming from its checkpoint" if resuming else run_name(element["overrides"])
     print(f"element {index}: {how}", flush=True)
     try:
-        if train is None:
+        if nodes > 1:  # this process only starts the per-host torchrun agents and waits
+            spec = ArraySpec.from_config(manifest["spec"])
+            cmd = launch_command(manifest, element, lsf_hosts()[:nodes], job_id or "0", spec)
+            if len(cmd[2].split()) < nodes:
+                raise SweepError(f"element {index} needs {nodes} hosts; LSF gave {cmd[2]!r}")
+            print(f"starting torchrun on {nodes} hosts: {shlex.join(cmd)}", flush=True)
+            code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
+        elif train is None:
             cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
             code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
         else:
@@ -446,6 +472,104 @@ def run_element(
         state = "finished" if ok else "failed"
     write_status(run_dir, state, code, index=index, job_id=job_id)
     return code if code else (0 if ok else 1)
+
+
+def in_torchrun() -> bool:
+    """Whether this process is a worker started by torchrun (it sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def lsf_hosts() -> list[str]:
+    """The job's hosts, first (where LSF runs the job script) first, each once: from
+    ``LSB_MCPU_HOSTS`` (``"hostA 1 hostB 1"``), else ``LSB_HOSTS``."""
+    mcpu = os.environ.get("LSB_MCPU_HOSTS", "").split()
+    names = mcpu[0::2] if mcpu else os.environ.get("LSB_HOSTS", "").split()
+    return list(dict.fromkeys(names))
+
+
+def rendezvous_port(job_id: str | int, index: int) -> int:
+    """The torchrun rendezvous port of an element: 20000-59999, from ``LSB_JOBID`` and
+    ``LSB_JOBINDEX``; elements of one array (one job id) get different ports."""
+    return 20000 + (int(job_id) * 4099 + int(index)) % 40000
+
+
+def launch_command(
+    manifest: dict[str, Any],
+    element: dict[str, Any],
+    hosts: Sequence[str],
+    job_id: str,
+    spec: ArraySpec,
+) -> list[str]:
+    """``blaunch -z "<hosts>" python -m torch.distributed.run ... -m regvi.cli.app sweep
+    run-element <sweep> --index <i>``: one torchrun agent per host (one blaunch call for all),
+    rendezvous (c10d) on the first host; each starts ``trainer.devices`` processes, each of
+    which runs the element as one rank of the multi-node run."""
+    python = spec.python or sys.executable
+    index = int(element["index"])
+    port = rendezvous_port(job_id, index) if str(job_id).isdigit() else "<port>"
+    return [
+        "blaunch",
+        "-z",
+        " ".join(hosts),
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(len(hosts)),
+        "--nproc_per_node",
+        str(int(element.get("devices") or 1)),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"{hosts[0] if hosts else 'localhost'}:{port}",
+        "--rdzv_id",
+        f"{manifest['job_name']}_{job_id}_{index}",
+        "-m",
+        "regvi.cli.app",
+        "sweep",
+        "run-element",
+        str(manifest["sweep_dir"]),
+        "--index",
+        str(index),
+    ]
+
+
+def _run_rank(
+    manifest: dict[str, Any],
+    element: dict[str, Any],
+    nodes: int,
+    train: Callable[[list[str]], int] | None,
+) -> int:
+    """One process of a multi-node element (started by torchrun): train as one rank of
+    Lightning DDP (it reads the TorchElastic environment); the starting process records the
+    element's status, and global rank 0 writes the outputs."""
+    run_dir = Path(element["dir"])
+    if checkpoint_path(run_dir).exists() and (run_dir / RUN_CONFIG).exists():
+        args = [f"resume={run_dir}"]
+    else:
+        fixed = ("trainer.strategy", "trainer.num_nodes")
+        kept = [o for o in element["overrides"] if override_key(o) not in fixed]
+        args = [
+            *manifest.get("train_args", []),
+            *kept,
+            "trainer.strategy=ddp",
+            f"trainer.num_nodes={nodes}",
+            f"hydra.run.dir=${{oc.env:{ENV_ELEMENT_DIR}}}",
+        ]
+    os.environ.update(
+        {
+            ENV_ELEMENT_DIR: str(run_dir),
+            ENV_SWEEP_DIR: str(manifest["sweep_dir"]),
+            ENV_SWEEP_NAME: manifest["name"],
+            ENV_RUN_NAME: element.get("run_name") or run_dir.name,
+        }
+    )
+    if train is None:
+        cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
+        return subprocess.call(cmd, cwd=manifest.get("cwd") or None)
+    if manifest.get("cwd"):
+        os.chdir(manifest["cwd"])
+    return train(args)
 
 
 # ------------------------------------------------------------------------- reading a sweep

@@ -53,8 +53,8 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
         group, name = sweep_group_and_name()
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
-        if not id_file.exists():
-            id_file.write_text(run_id)
+        if not id_file.exists() and os.environ.get("RANK", "0") in ("", "0"):
+            id_file.write_text(run_id)  # (only global rank 0 of a torchrun run logs)
         logger = WandbLogger(
             id=run_id,
             resume="allow",

@@ -108,8 +108,17 @@ class LSFLauncher(Launcher):
             elements.append((num, list(overrides), run_dir))
             configs.append(job_cfg)
             log.info("\t#%d : %s", num + 1, " ".join(filter_overrides(overrides)))
+        devices = {}
+        for (num, _, _), job_cfg in zip(elements, configs, strict=True):
+            value = OmegaConf.select(job_cfg, "trainer.devices", default=1)
+            devices[num] = int(value) if str(value).isdigit() else 1
         manifest = sweep.prepare_array(
-            sweep_dir, elements, spec, keys=keys, train_args=_train_args(self.config)
+            sweep_dir,
+            elements,
+            spec,
+            keys=keys,
+            train_args=_train_args(self.config),
+            devices=devices,
         )
         indices = [num + 1 for num, _, _ in elements]
         job_id = sweep.submit_array(manifest, spec, indices)

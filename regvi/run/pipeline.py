@@ -10,6 +10,7 @@ schema). Everything model-specific goes through the model's adapter
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ def train_arguments(cfg: DictConfig, logger: Any = False) -> dict[str, Any]:
         "accelerator": t.accelerator,
         "devices": t.devices,
         "strategy": t.strategy,
+        "num_nodes": t.num_nodes,
         "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val,
         "deterministic": t.deterministic,
@@ -75,6 +77,12 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
             f"{run_dir} holds the checkpoint of an unfinished run; continue it with "
             f"`regvi train resume={run_dir}` or set overwrite=true to start again"
         )
+
+
+def is_global_rank_zero() -> bool:
+    """False in the processes of a torchrun-launched run other than global rank 0 (``RANK``
+    is set by torchrun); True otherwise (a single process, or ddp_spawn's launching one)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def preempted_run(exc: BaseException, run_dir: Path) -> Preempted | None:
@@ -144,7 +152,8 @@ def _train(cfg: DictConfig, adapter: Any, run_dir: Path, _resume_from: Path | No
     log.info("%s", adapter.describe(model, data))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if _resume_from is None:
+    main = is_global_rank_zero()
+    if _resume_from is None and main:
         atomic_write(run_dir / layout.RUN_CONFIG, lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
     logger = tracking.make_logger(cfg, run_dir)
     # the allocator setting is process-wide: applied around this run's training only, and
@@ -165,6 +174,9 @@ def _train(cfg: DictConfig, adapter: Any, run_dir: Path, _resume_from: Path | No
                 raise
             tracking.finish(logger, exit_code=REQUEUE_EXIT_CODE)
             raise preempted from None
+    if not main:
+        # a process of a multi-node (torchrun) run: global rank 0 writes every output
+        return run_dir
     adapter.write_outputs(model, data, cfg, run_dir, logger, labels_key)
     if cfg.evaluate:
         from regvi.run.evaluate import evaluate_after_training
