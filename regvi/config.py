@@ -90,6 +90,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: str = "auto"
+    num_nodes: int = 1
     precision: str = "32-true"
     lr: float = 1e-3
     weight_decay: float = 1e-6

@@ -22,3 +22,15 @@ class DataError(RegviError):
 
 class NonFiniteLossError(RegviError):
     """Training produced a non-finite loss."""
+
+
+#: Exit code of a run stopped by a pre-emption signal (SIGUSR2, SIGTERM) after writing its
+#: checkpoint; regvi's LSF launcher asks LSF to requeue elements that exit with it (``-Q``).
+REQUEUE_EXIT_CODE = 99
+
+
+class Preempted(RegviError):
+    """Training stopped on a pre-emption signal after writing its checkpoint (see
+    :mod:`regvi.train.preemption`); the CLI exits with :data:`REQUEUE_EXIT_CODE`."""
+
+    exit_code = REQUEUE_EXIT_CODE

@@ -26,19 +26,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regvi.errors import RegviError
+from regvi.errors import REQUEUE_EXIT_CODE, RegviError
 from regvi.outputs import atomic_write
 from regvi.run.layout import (
     HISTORY_CSV,
     JOB_SCRIPT,
     LOG_DIR,
     MANIFEST,
+    RUN_CONFIG,
     STATUS_FILE,
     SUMMARY_CSV,
+    checkpoint_path,
     results_path,
 )
 
@@ -53,6 +55,9 @@ ENV_ELEMENT_DIR = "REGVI_ELEMENT_DIR"
 # Overrides that only concern the sweep/launcher: an element runs without them.
 _LAUNCHER_ONLY = ("hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper")
 _LAUNCHER_ONLY += ("hydra.sweep", "hydra.mode", "hydra.run", "hydra.job.num", "hydra.job.id")
+
+#: The signal LSF is asked to send before a kill (bsub -wa); regvi.train.preemption handles it.
+WARNING_SIGNAL = "USR2"
 
 _SUBMITTED = re.compile(r"Job <(\d+)> is submitted")
 
@@ -188,6 +193,9 @@ class ArraySpec:
     setup: list[str] = field(default_factory=list)
     python: str | None = None
     dry_run: bool = False
+    requeue: bool = False
+    warning_minutes: int = 10
+    nodes: int = 1
 
     @classmethod
     def from_config(cls, conf: Any) -> ArraySpec:
@@ -209,12 +217,15 @@ def prepare_array(
     keys: Sequence[str] = (),
     train_args: Sequence[str] = (),
     cwd: str | Path | None = None,
+    devices: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """Write (or extend) ``manifest.json`` and render ``job.sh``; return the manifest.
 
     ``elements``: (job number, overrides, run dir) per job; the array index is number + 1, so
     later batches of the same sweep extend the manifest with new indices.
     ``train_args``: flags every element passes to ``regvi train`` (``--config-dir DIR``...).
+    ``devices``: job number -> the element's ``trainer.devices`` (processes per host of a
+    multi-node element, ``spec.nodes > 1``).
     """
     sweep_dir = Path(os.path.abspath(sweep_dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +239,8 @@ def prepare_array(
         "cwd": str(Path(cwd or os.getcwd()).resolve()),
         "train_args": list(train_args),
         "swept_keys": list(keys),
+        # the bsub settings, so `regvi sweep resubmit` can submit elements again
+        "spec": {k: v for k, v in asdict(spec).items() if k != "dry_run"},
         "elements": [],
     }
     if (sweep_dir / MANIFEST).exists():
@@ -245,6 +258,7 @@ def prepare_array(
                 "overrides": list(element_overrides(overrides)),
                 "run_name": run_name(element_overrides(overrides), keys),
                 "dir": str(Path(os.path.abspath(run_dir))),
+                "devices": int((devices or {}).get(int(num), 1)),
             }
         )
     manifest["elements"].sort(key=lambda e: e["index"])
@@ -281,28 +295,53 @@ def render_job_script(
     return text
 
 
+def lsf_index_list(indices: Sequence[int]) -> str:
+    """LSF's index list of a job array: ``1-4`` for 1..4, ``2,5,7``, ``1-3,6``."""
+    ordered = sorted({int(i) for i in indices})
+    if not ordered:
+        raise SweepError("no array elements to submit")
+    runs: list[list[int]] = []
+    for i in ordered:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def bsub_command(manifest: dict[str, Any], spec: ArraySpec, indices: Sequence[int]) -> list[str]:
     """The bsub argument list for one job array over ``indices`` (script given on stdin)."""
-    lo, hi = min(indices), max(indices)
-    array = f"{manifest['job_name']}[{lo}-{hi}]"
+    array = f"{manifest['job_name']}[{lsf_index_list(indices)}]"
     if spec.max_parallel:
         array += f"%{int(spec.max_parallel)}"
     logs = Path(manifest["sweep_dir"]) / LOG_DIR
     cmd = ["bsub", "-J", array]
     if spec.queue:
         cmd += ["-q", str(spec.queue)]
-    if spec.cores:
+    resources = str(spec.resources) if spec.resources else ""
+    if spec.nodes > 1:
+        # one slot on each of `nodes` hosts; each host gets the -gpu request
+        cmd += ["-n", str(int(spec.nodes))]
+        resources = re.sub(r"span\[[^\]]*\]", "span[ptile=1]", resources)
+        if "span[" not in resources:
+            resources = f"{resources} span[ptile=1]".strip()
+    elif spec.cores:
         cmd += ["-n", str(int(spec.cores))]
     if spec.memory:
         cmd += ["-M", str(int(spec.memory))]
-    if spec.resources:
-        cmd += ["-R", str(spec.resources)]
+    if resources:
+        cmd += ["-R", resources]
     if spec.gpu:
         cmd += ["-gpu", str(spec.gpu)]
     if spec.walltime:
         cmd += ["-W", str(spec.walltime)]
     if spec.project:
         cmd += ["-P", str(spec.project)]
+    if spec.requeue:
+        # the warning signal makes the run checkpoint and exit with REQUEUE_EXIT_CODE, on
+        # which LSF requeues the element; rerun, it resumes from its checkpoint
+        cmd += ["-wa", WARNING_SIGNAL, "-wt", str(int(spec.warning_minutes))]
+        cmd += ["-Q", str(REQUEUE_EXIT_CODE)]
     cmd += ["-o", str(logs / "%J_%I.out"), "-e", str(logs / "%J_%I.err")]
     cmd += list(spec.extra_args)
     return cmd
@@ -324,6 +363,11 @@ def submit_array(
         echo(f"--- {script_path} ---")
         echo(script_path.read_text().rstrip("\n"))
         echo("--- end ---")
+        if spec.nodes > 1:
+            hosts = [f"<host{i + 1}>" for i in range(spec.nodes)]
+            launch = launch_command(manifest, manifest["elements"][0], hosts, "<jobid>", spec)
+            echo(f"each element's run-element then starts one torchrun per host ({spec.nodes}):")
+            echo(shlex.join(launch))
         return None
     exe = shutil.which(cmd[0])
     if exe is None:
@@ -374,17 +418,25 @@ def run_element(
         raise SweepError(f"element {index} is not in {sweep_dir / MANIFEST}")
     run_dir = Path(element["dir"])
     job_id = os.environ.get("LSB_JOBID")
+    nodes = int(manifest.get("spec", {}).get("nodes") or 1)
+    if nodes > 1 and in_torchrun():
+        return _run_rank(manifest, element, nodes, train)
     if results_path(run_dir) is not None:
         print(f"element {index} already finished: {run_dir}", flush=True)
         write_status(run_dir, "finished", 0, index=index, job_id=job_id)
         return 0
-    write_status(run_dir, "running", None, index=index, job_id=job_id)
-    args = [
-        *manifest.get("train_args", []),
-        *element["overrides"],
-        # the directory comes from the environment, so no path ever needs Hydra quoting
-        f"hydra.run.dir=${{oc.env:{ENV_ELEMENT_DIR}}}",
-    ]
+    # a requeued or resubmitted element continues from its checkpoint
+    resuming = checkpoint_path(run_dir).exists() and (run_dir / RUN_CONFIG).exists()
+    write_status(run_dir, "running", None, index=index, job_id=job_id, resumed=resuming or None)
+    if resuming:
+        args = [f"resume={run_dir}"]
+    else:
+        args = [
+            *manifest.get("train_args", []),
+            *element["overrides"],
+            # the directory comes from the environment, so no path ever needs Hydra quoting
+            f"hydra.run.dir=${{oc.env:{ENV_ELEMENT_DIR}}}",
+        ]
     env = {
         **os.environ,
         ENV_ELEMENT_DIR: str(run_dir),
@@ -392,9 +444,17 @@ def run_element(
         ENV_SWEEP_NAME: manifest["name"],
         ENV_RUN_NAME: element.get("run_name") or run_dir.name,
     }
-    print(f"element {index}: {run_name(element['overrides'])}", flush=True)
+    how = "resuming from its checkpoint" if resuming else run_name(element["overrides"])
+    print(f"element {index}: {how}", flush=True)
     try:
-        if train is None:
+        if nodes > 1:  # this process only starts the per-host torchrun agents and waits
+            spec = ArraySpec.from_config(manifest["spec"])
+            cmd = launch_command(manifest, element, lsf_hosts()[:nodes], job_id or "0", spec)
+            if len(cmd[2].split()) < nodes:
+                raise SweepError(f"element {index} needs {nodes} hosts; LSF gave {cmd[2]!r}")
+            print(f"starting torchrun on {nodes} hosts: {shlex.join(cmd)}", flush=True)
+            code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
+        elif train is None:
             cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
             code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
         else:
@@ -406,8 +466,110 @@ def run_element(
         write_status(run_dir, "failed", 1, index=index, job_id=job_id)
         raise
     ok = code == 0 and results_path(run_dir) is not None
-    write_status(run_dir, "finished" if ok else "failed", code, index=index, job_id=job_id)
+    if code == REQUEUE_EXIT_CODE:
+        state = "preempted"  # its checkpoint is written; LSF requeues it with -Q
+    else:
+        state = "finished" if ok else "failed"
+    write_status(run_dir, state, code, index=index, job_id=job_id)
     return code if code else (0 if ok else 1)
+
+
+def in_torchrun() -> bool:
+    """Whether this process is a worker started by torchrun (it sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def lsf_hosts() -> list[str]:
+    """The job's hosts, first (where LSF runs the job script) first, each once: from
+    ``LSB_MCPU_HOSTS`` (``"hostA 1 hostB 1"``), else ``LSB_HOSTS``."""
+    mcpu = os.environ.get("LSB_MCPU_HOSTS", "").split()
+    names = mcpu[0::2] if mcpu else os.environ.get("LSB_HOSTS", "").split()
+    return list(dict.fromkeys(names))
+
+
+def rendezvous_port(job_id: str | int, index: int) -> int:
+    """The torchrun rendezvous port of an element: 20000-59999, from ``LSB_JOBID`` and
+    ``LSB_JOBINDEX``; elements of one array (one job id) get different ports."""
+    return 20000 + (int(job_id) * 4099 + int(index)) % 40000
+
+
+def launch_command(
+    manifest: dict[str, Any],
+    element: dict[str, Any],
+    hosts: Sequence[str],
+    job_id: str,
+    spec: ArraySpec,
+) -> list[str]:
+    """``blaunch -z "<hosts>" python -m torch.distributed.run ... -m regvi.cli.app sweep
+    run-element <sweep> --index <i>``: one torchrun agent per host (one blaunch call for all),
+    rendezvous (c10d) on the first host; each starts ``trainer.devices`` processes, each of
+    which runs the element as one rank of the multi-node run."""
+    python = spec.python or sys.executable
+    index = int(element["index"])
+    port = rendezvous_port(job_id, index) if str(job_id).isdigit() else "<port>"
+    return [
+        "blaunch",
+        "-z",
+        " ".join(hosts),
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(len(hosts)),
+        "--nproc_per_node",
+        str(int(element.get("devices") or 1)),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"{hosts[0] if hosts else 'localhost'}:{port}",
+        "--rdzv_id",
+        f"{manifest['job_name']}_{job_id}_{index}",
+        "-m",
+        "regvi.cli.app",
+        "sweep",
+        "run-element",
+        str(manifest["sweep_dir"]),
+        "--index",
+        str(index),
+    ]
+
+
+def _run_rank(
+    manifest: dict[str, Any],
+    element: dict[str, Any],
+    nodes: int,
+    train: Callable[[list[str]], int] | None,
+) -> int:
+    """One process of a multi-node element (started by torchrun): train as one rank of
+    Lightning DDP (it reads the TorchElastic environment); the starting process records the
+    element's status, and global rank 0 writes the outputs."""
+    run_dir = Path(element["dir"])
+    if checkpoint_path(run_dir).exists() and (run_dir / RUN_CONFIG).exists():
+        args = [f"resume={run_dir}"]
+    else:
+        fixed = ("trainer.strategy", "trainer.num_nodes")
+        kept = [o for o in element["overrides"] if override_key(o) not in fixed]
+        args = [
+            *manifest.get("train_args", []),
+            *kept,
+            "trainer.strategy=ddp",
+            f"trainer.num_nodes={nodes}",
+            f"hydra.run.dir=${{oc.env:{ENV_ELEMENT_DIR}}}",
+        ]
+    os.environ.update(
+        {
+            ENV_ELEMENT_DIR: str(run_dir),
+            ENV_SWEEP_DIR: str(manifest["sweep_dir"]),
+            ENV_SWEEP_NAME: manifest["name"],
+            ENV_RUN_NAME: element.get("run_name") or run_dir.name,
+        }
+    )
+    if train is None:
+        cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
+        return subprocess.call(cmd, cwd=manifest.get("cwd") or None)
+    if manifest.get("cwd"):
+        os.chdir(manifest["cwd"])
+    return train(args)
 
 
 # ------------------------------------------------------------------------- reading a sweep
@@ -422,6 +584,121 @@ class Element:
     state: str = "pending"
     exit_code: int | None = None
     note: str = ""
+    has_checkpoint: bool = False
+
+
+#: Element states, in the order ``regvi sweep status`` counts them. ``requeued``: stopped by
+#: the warning signal with its checkpoint written, and LSF requeues it (``requeue=true``);
+#: ``killed``: killed by its owner, an administrator, a pre-emption or a limit other than
+#: the run time (or stopped by a signal without requeueing); ``timed-out``: killed at its
+#: run limit. ``resubmit --killed`` covers killed and timed-out, ``--failed`` failed.
+STATES = ("finished", "running", "pending", "requeued", "timed-out", "killed", "failed")
+STATES += ("unknown",)
+#: States that ``regvi sweep resubmit`` selects with ``--failed`` and with ``--killed``.
+FAILED_STATES = ("failed", "unknown")
+KILLED_STATES = ("killed", "timed-out")
+
+#: LSF's reasons for ending a job (in the job report it appends to the element's log).
+_LSF_REASONS = {
+    "TERM_RUNLIMIT": ("timed-out", "run limit reached"),
+    "TERM_CPULIMIT": ("timed-out", "CPU time limit reached"),
+    "TERM_DEADLINE": ("timed-out", "deadline reached"),
+    "TERM_OWNER": ("killed", "killed by its owner"),
+    "TERM_FORCE_OWNER": ("killed", "killed by its owner"),
+    "TERM_ADMIN": ("killed", "killed by an administrator"),
+    "TERM_FORCE_ADMIN": ("killed", "killed by an administrator"),
+    "TERM_PREEMPT": ("killed", "pre-empted"),
+    "TERM_MEMLIMIT": ("killed", "memory limit reached"),
+    "TERM_SWAP": ("killed", "swap limit reached"),
+    "TERM_HOST": ("killed", "host failure"),
+    "TERM_LOAD": ("killed", "host overloaded"),
+    "TERM_WINDOW": ("killed", "queue window closed"),
+    "TERM_REQUEUE_OWNER": ("requeued", "requeued by its owner"),
+    "TERM_REQUEUE_ADMIN": ("requeued", "requeued by an administrator"),
+}
+#: What the job script prints (to stdout and stderr) when an element starts.
+START_MARKER = "regvi sweep element "
+_TERM = re.compile(r"\b(TERM_[A-Z_]+)\b")
+_EXITED = re.compile(r"Exited with exit code (\d+)")
+
+
+@dataclass
+class LsfOutcome:
+    """What LSF's job report in an element's logs says: its TERM_ reason and exit code."""
+
+    reason: str | None = None
+    exit_code: int | None = None
+    completed: bool = False
+    log: Path | None = None
+
+
+def lsf_outcome(
+    sweep_dir: str | Path, index: int, job_id: str | None = None, since: float = 0.0
+) -> LsfOutcome | None:
+    """Read the logs ``logs/<job_id>_<index>.out|.err`` of an element (without ``job_id``,
+    the newest of any job written after ``since``): None when there are none."""
+    logs = Path(sweep_dir) / LOG_DIR
+    if not logs.is_dir():
+        return None
+    if job_id:
+        paths = [logs / f"{job_id}_{index}.{ext}" for ext in ("out", "err")]
+        paths = [p for p in paths if p.exists()]
+    else:
+        paths = [p for p in logs.glob(f"*_{index}.*") if p.stat().st_mtime >= since]
+        if paths:
+            newest = max(paths, key=lambda p: p.stat().st_mtime).name.rsplit(".", 1)[0]
+            paths = [p for p in paths if p.name.rsplit(".", 1)[0] == newest]
+    if not paths:
+        return None
+    outcome = LsfOutcome(log=paths[0])
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        # a requeued job appends to its logs: only its latest start counts
+        text = text.rsplit(START_MARKER, 1)[-1]
+        reasons = [r for r in _TERM.findall(text) if r in _LSF_REASONS]
+        if reasons:
+            outcome.reason, outcome.log = reasons[-1], path
+        codes = _EXITED.findall(text)
+        if codes:
+            outcome.exit_code = int(codes[-1])
+        outcome.completed |= "Successfully completed." in text
+    return outcome
+
+
+def classify(
+    status: dict[str, Any], outcome: LsfOutcome | None, requeue: bool = False
+) -> tuple[str, int | None, str]:
+    """An element's (state, exit code, note) from its status file and LSF's job report.
+
+    The status file says what the run saw; LSF's report says why a job ended that could not
+    record it (a kill leaves ``running``), and a run limit or a kill that came as a signal
+    the run handled (``preempted``: checkpoint written, exit code 99) is named as such.
+    """
+    state = status.get("state", "unknown")
+    code = status.get("exit_code")
+    note = status.get("note", "")
+    if state == "finished":
+        return state, code, note
+    if outcome is not None and outcome.reason and state != "pending":
+        reported, why = _LSF_REASONS[outcome.reason]
+        if reported != "requeued" and state == "preempted" and requeue:
+            reported = "requeued"  # the warning came first: LSF requeues it on exit 99
+        return reported, outcome.exit_code if code is None else code, f"{outcome.reason}: {why}"
+    if state == "preempted":
+        if requeue:
+            return "requeued", code, "stopped by the warning signal; LSF requeues it"
+        return "killed", code, "stopped by a signal; its checkpoint is written"
+    if state == "running" and outcome is not None and outcome.exit_code is not None:
+        # the job ended without the element recording it: killed by a signal
+        code = outcome.exit_code
+        return ("killed" if code > 128 else "failed"), code, f"job exited with code {code}"
+    if state == "failed" and code is not None and (code < 0 or code > 128):
+        signum = -code if code < 0 else code - 128
+        return "killed", code, f"killed by signal {signum}"
+    return state, code, note
 
 
 def _basic_sweep_elements(sweep_dir: Path) -> tuple[list[Element], list[str]]:
@@ -471,13 +748,17 @@ def collect(sweep_dir: str | Path) -> tuple[list[Element], list[str]]:
         elements, keys = _basic_sweep_elements(sweep_dir)
     else:
         raise SweepError(f"{sweep_dir} holds neither {MANIFEST} nor multirun.yaml: not a sweep")
-    logs = sweep_dir / LOG_DIR
+    requeue = False
+    if (sweep_dir / MANIFEST).exists():
+        requeue = bool(read_manifest(sweep_dir).get("spec", {}).get("requeue"))
     for e in elements:
         status = read_status(e.dir)
-        e.state = status.get("state", "unknown")
-        e.exit_code = status.get("exit_code")
-        e.note = status.get("note", "")
-        if e.state == "pending" and logs.is_dir() and any(logs.glob(f"*_{e.index}.err")):
+        outcome = None
+        if status.get("state") != "finished":
+            outcome = lsf_outcome(sweep_dir, e.index, status.get("job_id"))
+        e.state, e.exit_code, e.note = classify(status, outcome, requeue)
+        e.has_checkpoint = checkpoint_path(e.dir).exists()
+        if e.state == "pending" and "job_id" not in status and outcome is not None:
             e.state, e.note = "unknown", "started but wrote no status; see its log"
     return elements, keys
 
@@ -488,17 +769,83 @@ def status_report(sweep_dir: str | Path) -> tuple[str, dict[str, int]]:
     counts: dict[str, int] = {}
     for e in elements:
         counts[e.state] = counts.get(e.state, 0) + 1
-    order = ("finished", "running", "pending", "failed", "unknown")
-    head = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
+    head = ", ".join(f"{counts[s]} {s}" for s in STATES if s in counts)
     lines = [f"{sweep_dir}: {len(elements)} elements: {head or 'none'}"]
     for e in elements:
         code = "" if e.exit_code is None else f" (exit {e.exit_code})"
-        note = f" [{e.note}]" if e.note else ""
+        notes = [e.note] if e.note else []
+        if e.has_checkpoint and e.state != "finished":
+            notes.append("has a checkpoint")
+        note = f" [{'; '.join(notes)}]" if notes else ""
         lines.append(f"  [{e.index}] {e.state:<8}{code} {run_name(e.overrides, keys)}{note}")
-    failed = [e for e in elements if e.state == "failed"]
-    if failed and (Path(sweep_dir) / LOG_DIR).is_dir():
-        lines.append(f"  logs of failed elements: {Path(sweep_dir) / LOG_DIR}/<jobid>_<index>.err")
+    stopped = [e for e in elements if e.state in FAILED_STATES + KILLED_STATES]
+    if stopped and (Path(sweep_dir) / LOG_DIR).is_dir():
+        lines.append(f"  logs: {Path(sweep_dir) / LOG_DIR}/<jobid>_<index>.out|.err")
+    if stopped and (Path(sweep_dir) / MANIFEST).exists():
+        lines.append(f"  submit them again: regvi sweep resubmit {sweep_dir} --failed --killed")
     return "\n".join(lines), counts
+
+
+def _raw_status(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / STATUS_FILE).read_text()
+    except OSError:
+        return None
+
+
+def _restore_status(run_dir: Path, text: str | None) -> None:
+    if text is None:
+        (run_dir / STATUS_FILE).unlink(missing_ok=True)
+    else:
+        atomic_write(run_dir / STATUS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def resubmit(
+    sweep_dir: str | Path,
+    failed: bool = True,
+    killed: bool = True,
+    dry_run: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> tuple[list[int], str | None]:
+    """Submit the failed and/or killed (and timed-out) elements of an LSF sweep again as ONE
+    job array with an index list (``name[2,5,7]``); each resumes from its checkpoint when it
+    has one (:func:`run_element`). Returns (the indices, the LSF job id; None for a dry run
+    or when there is nothing to submit)."""
+    sweep_dir = Path(os.path.abspath(sweep_dir))
+    manifest = read_manifest(sweep_dir)
+    if "spec" not in manifest:
+        raise SweepError(
+            f"{sweep_dir / MANIFEST} holds no bsub settings (written by an older regvi): "
+            "submit the sweep again"
+        )
+    wanted = (FAILED_STATES if failed else ()) + (KILLED_STATES if killed else ())
+    elements, _ = collect(sweep_dir)
+    chosen = [e for e in elements if e.state in wanted]
+    if not chosen:
+        return [], None
+    spec = ArraySpec.from_config({**manifest["spec"], "dry_run": dry_run})
+    script = render_job_script(manifest, spec)  # the interpreter/setup of the first submission
+    atomic_write(sweep_dir / JOB_SCRIPT, lambda tmp: tmp.write_text(script))
+    os.chmod(sweep_dir / JOB_SCRIPT, 0o755)
+    indices = [e.index for e in chosen]
+    if dry_run:
+        return indices, submit_array(manifest, spec, indices, echo=echo)
+    # marked pending before bsub: an element may start (and record so) before bsub returns
+    before = {e.index: _raw_status(e.dir) for e in chosen}
+    for e in chosen:
+        note = f"resubmitted ({e.state})" + (", resumes" if e.has_checkpoint else "")
+        write_status(e.dir, "pending", None, index=e.index, note=note)
+    try:
+        job_id = submit_array(manifest, spec, indices, echo=echo)
+    except BaseException:
+        for e in chosen:  # nothing was submitted: put the states back
+            _restore_status(e.dir, before[e.index])
+        raise
+    for e in chosen:
+        status = read_status(e.dir)
+        if status.get("state") == "pending" and "job_id" not in status:
+            write_status(e.dir, "pending", None, index=e.index, job_id=job_id, note=status["note"])
+    return indices, job_id
 
 
 def override_values(overrides: Sequence[str]) -> dict[str, Any]:

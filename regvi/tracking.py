@@ -53,8 +53,8 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Any:
         group, name = sweep_group_and_name()
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
-        if not id_file.exists():
-            id_file.write_text(run_id)
+        if not id_file.exists() and os.environ.get("RANK", "0") in ("", "0"):
+            id_file.write_text(run_id)  # (only global rank 0 of a torchrun run logs)
         logger = WandbLogger(
             id=run_id,
             resume="allow",
@@ -114,14 +114,15 @@ def log_figures(logger: Any, figures: dict[str, Path]) -> None:
     logger.experiment.log({f"figures/{name}": wandb.Image(str(p)) for name, p in figures.items()})
 
 
-def finish(logger: Any) -> None:
-    """Close the tracking run (flushes W&B's offline files)."""
+def finish(logger: Any, exit_code: int = 0) -> None:
+    """Close the tracking run (flushes W&B's offline files); a non-zero ``exit_code`` (a run
+    stopped for requeueing) closes it as not finished, to be continued under the same id."""
     if logger is not False and type(logger).__name__ == "WandbLogger":
         import wandb
 
-        wandb.finish()
+        wandb.finish(exit_code=exit_code or None)
     elif logger is not False:
-        logger.finalize("success")
+        logger.finalize("success" if exit_code == 0 else "failed")
 
 
 def log_after_run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -42,3 +44,22 @@ def read_results(path: Path):
     import anndata as ad
 
     return ad.read_h5ad(path)
+
+
+@pytest.fixture
+def fake_bsub(tmp_path):
+    """Put tests/fake_bsub on PATH as `bsub`; return (env, log file of its calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "bsub"
+    wrapper.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "fake_bsub"}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    log = tmp_path / "bsub_calls.jsonl"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FAKE_BSUB_LOG": str(log),
+        "WANDB_MODE": "offline",
+    }
+    return env, log

@@ -29,25 +29,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def fake_bsub(tmp_path):
-    """Put tests/fake_bsub on PATH as `bsub`; return (env, log file of its calls)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    wrapper = bin_dir / "bsub"
-    wrapper.write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "fake_bsub"}" "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    log = tmp_path / "bsub_calls.jsonl"
-    env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FAKE_BSUB_LOG": str(log),
-        "WANDB_MODE": "offline",
-    }
-    return env, log
-
-
 def run(args, cwd, env=None, timeout=300):
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
@@ -120,7 +101,9 @@ def test_2x2_sweep_is_one_job_array(tmp_path, fake_bsub):
         assert sweep.read_status(run_dir)["state"] == "finished"
         # each element ran as a normal single run: its run dir is its last line of output
         out = (sweep_dir / "logs" / f"4242_{element['index']}.out").read_text()
+        out, report = out.split("\n---", 1)  # then LSF's job report
         assert out.strip().splitlines()[-1] == str(run_dir)
+        assert "Successfully completed." in report
         # overrides reach the element exactly: as given, and as resolved values
         assert list(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")) == element["overrides"]
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")

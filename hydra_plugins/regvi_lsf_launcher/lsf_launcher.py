@@ -36,6 +36,9 @@ class LSFLauncherConf:
     setup: list[str] = field(default_factory=list)  # shell lines run before each element
     python: str | None = None  # interpreter of the elements (default: the submitting one)
     dry_run: bool = False  # print the bsub command and job script, submit nothing
+    requeue: bool = False  # -wa USR2 -wt warning_minutes -Q 99: checkpoint, requeue, resume
+    warning_minutes: int = 10  # bsub -wt: the warning signal comes this long before a kill
+    nodes: int = 1  # hosts per element: >1 with trainer=ddp is multi-node DDP (torchrun)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="lsf_schema", node=LSFLauncherConf)
@@ -105,8 +108,17 @@ class LSFLauncher(Launcher):
             elements.append((num, list(overrides), run_dir))
             configs.append(job_cfg)
             log.info("\t#%d : %s", num + 1, " ".join(filter_overrides(overrides)))
+        devices = {}
+        for (num, _, _), job_cfg in zip(elements, configs, strict=True):
+            value = OmegaConf.select(job_cfg, "trainer.devices", default=1)
+            devices[num] = int(value) if str(value).isdigit() else 1
         manifest = sweep.prepare_array(
-            sweep_dir, elements, spec, keys=keys, train_args=_train_args(self.config)
+            sweep_dir,
+            elements,
+            spec,
+            keys=keys,
+            train_args=_train_args(self.config),
+            devices=devices,
         )
         indices = [num + 1 for num, _, _ in elements]
         job_id = sweep.submit_array(manifest, spec, indices)

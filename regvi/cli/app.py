@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from regvi.cli.evaluate_commands import register as register_evaluate
-from regvi.errors import ConfigError, RegviError
+from regvi.errors import REQUEUE_EXIT_CODE, ConfigError, RegviError
 
 app = typer.Typer(
     name="regvi",
@@ -64,6 +64,12 @@ def fail(message: str, code: int = 1) -> None:
     first = " ".join(str(message).split())
     typer.echo(f"error: {first}", err=True)
     raise SystemExit(code)
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code for an error: :data:`~regvi.errors.REQUEUE_EXIT_CODE` for a run stopped
+    by a pre-emption signal (its checkpoint written), else 1."""
+    return int(getattr(exc, "exit_code", 1)) if isinstance(exc, RegviError) else 1
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -180,10 +186,12 @@ def _run_hydra(args: list[str]) -> None:
             train(cfg, run_dir)
         except BaseException as exc:
             if in_sweep:
-                write_status(run_dir, "failed", 1, index=hc.job.num + 1)
+                code = exit_code_of(exc)
+                state = "preempted" if code == REQUEUE_EXIT_CODE else "failed"
+                write_status(run_dir, state, code, index=hc.job.num + 1)
             if not isinstance(exc, RegviError) or debug_enabled() or in_sweep:
                 raise  # in a sweep Hydra records this job as failed and goes on
-            fail(str(exc))
+            fail(str(exc), exit_code_of(exc))
         if in_sweep:
             write_status(run_dir, "finished", 0, index=hc.job.num + 1)
         print(run_dir, flush=True)
@@ -227,7 +235,7 @@ def train_from_arguments(args: list[str]) -> None:
     except RegviError as exc:
         if debug_enabled():
             raise
-        fail(str(exc))
+        fail(str(exc), exit_code_of(exc))
 
 
 @app.command(
@@ -255,8 +263,10 @@ register_evaluate(app)
 def sweep_status(
     sweep_dir: Annotated[Path, typer.Argument(help="The sweep directory (hydra.sweep.dir).")],
 ) -> None:
-    """Which elements finished, failed, are running or pending (read from the files the
-    elements write, so no LSF command is needed). Exit code 1 when any element failed."""
+    """Which elements finished, are running, pending or requeued, and which failed, were
+    killed or timed out (read from the files the elements write and LSF's job reports in
+    their logs, so no LSF command is needed). Exit code 1 when any failed, was killed or
+    timed out."""
     from regvi import sweep
 
     try:
@@ -266,8 +276,39 @@ def sweep_status(
             raise
         fail(str(exc))
     typer.echo(report)
-    if counts.get("failed"):
+    if any(counts.get(s) for s in ("failed", *sweep.KILLED_STATES)):
         raise SystemExit(1)
+
+
+@sweep_app.command("resubmit")
+def sweep_resubmit(
+    sweep_dir: Annotated[Path, typer.Argument(help="The sweep directory (hydra.sweep.dir).")],
+    failed: Annotated[bool, typer.Option("--failed", help="Elements that failed.")] = False,
+    killed: Annotated[
+        bool, typer.Option("--killed", help="Elements killed or timed out (LSF).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the bsub command, submit nothing.")
+    ] = False,
+) -> None:
+    """Submit the failed and/or killed elements of an LSF sweep again, as ONE job array
+    (name[2,5,7]) with the sweep's bsub settings; each resumes from its checkpoint when it
+    has one. Without --failed or --killed: both."""
+    from regvi import sweep
+
+    if not failed and not killed:
+        failed = killed = True
+    try:
+        indices, job_id = sweep.resubmit(sweep_dir, failed, killed, dry_run, echo=typer.echo)
+    except RegviError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc))
+    if not indices:
+        typer.echo("nothing to resubmit")
+    elif job_id is not None:
+        listed = ",".join(str(i) for i in indices)
+        typer.echo(f"Submitted LSF job array {job_id} (elements {listed})")
 
 
 @sweep_app.command("summarize")

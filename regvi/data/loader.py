@@ -249,10 +249,17 @@ class _SubsetBatchSampler(Sampler):
         self.seed = int(seed)
         self.epoch = 0
         self._seed_agreed = False
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose permutation the next pass draws."""
         self.epoch = int(epoch)
+
+    def resume_within_epoch(self, epoch: int, fetches_done: int) -> None:
+        """The next pass over ``epoch`` leaves out its first ``fetches_done`` fetches (drawn as
+        before, so the rest are the same): a run resumed from a checkpoint written inside an
+        epoch continues with the cells it had not yet trained on."""
+        self._skip = (int(epoch), int(fetches_done))
 
     def _generator(self) -> torch.Generator:
         """This epoch's generator, seeded from ``(seed, epoch)``."""
@@ -282,13 +289,17 @@ class _SubsetBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         generator = self._generator()
+        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        self._skip = None
         self.epoch += 1  # the next pass, unless set_epoch says otherwise
         cells = self._rank_cells(generator)
         per_fetch = self.batch_size * self.minibatches_per_fetch
-        for first in range(0, cells.size, per_fetch):
+        for number, first in enumerate(range(0, cells.size, per_fetch)):
             pooled = cells[first : first + per_fetch]
             if self.block_cells:
                 pooled = pooled[torch.randperm(pooled.size, generator=generator).numpy()]
+            if number < skip:
+                continue
             yield [
                 pooled[start : start + self.batch_size]
                 for start in range(0, pooled.size, self.batch_size)

@@ -29,6 +29,7 @@ from regvi.model.posterior import DifferentialExpressionMixin, PosteriorMixin
 from regvi.outputs import atomic_write
 from regvi.run.layout import MODEL_HISTORY, MODEL_METADATA, MODEL_WEIGHTS
 from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
+from regvi.train.preemption import PreemptionCallback
 
 #: Layout of saved weights. 2: the first layer of every block stack (``InputLinear``) stores
 #: its weight as ``(in_features, out_features)``; 1 (no ``format`` key) stored it transposed,
@@ -172,6 +173,7 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
         finite_check_every_n_steps: int | None = None,
         minibatches_per_fetch: int | None = None,
         shuffle_block_cells: int | None = None,
+        handle_preemption: bool = False,
         **trainer_kwargs: Any,
     ) -> BaseModel:
         """Train with Lightning.
@@ -234,6 +236,11 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             :class:`~regvi.data.loader._SubsetBatchSampler`). For data on disk
             (``backed``), this turns a minibatch's one read per cell into one read per
             block. Default (None): cells are shuffled one by one, as in memory.
+        handle_preemption
+            With ``checkpoint_dir``: on ``SIGUSR2`` or ``SIGTERM`` write the checkpoint after
+            the current training batch and raise :class:`~regvi.train.preemption.Preempted`
+            (see :mod:`regvi.train.preemption`); ``resume_from`` that checkpoint continues
+            inside the epoch, with the same result as an uninterrupted run on the CPU.
         """
         if reuse_host_memory is not None:
             warnings.warn(
@@ -326,6 +333,8 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             )
         if checkpoint is not None:
             all_callbacks.append(checkpoint)  # last: it saves the others' state
+            if handle_preemption:
+                all_callbacks.append(PreemptionCallback(checkpoint.save))
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -347,6 +356,8 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+            # our sampler resumes inside an epoch (see TrainingPlan._continue_epoch)
+            warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
             trainer.fit(
                 plan,
                 train_loader,

@@ -10,6 +10,7 @@ schema). Everything model-specific goes through the model's adapter
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ from regvi.errors import RegviError
 from regvi.outputs import atomic_write
 from regvi.run import layout
 from regvi.run.adapter import adapter_for
+from regvi.train.preemption import (
+    REQUEUE_EXIT_CODE,
+    Preempted,
+    preemption_signals,
+    stop_requested,
+)
 
 log = logging.getLogger("regvi")
 
@@ -47,6 +54,7 @@ def train_arguments(cfg: DictConfig, logger: Any = False) -> dict[str, Any]:
         "accelerator": t.accelerator,
         "devices": t.devices,
         "strategy": t.strategy,
+        "num_nodes": t.num_nodes,
         "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val,
         "deterministic": t.deterministic,
@@ -69,6 +77,25 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
             f"{run_dir} holds the checkpoint of an unfinished run; continue it with "
             f"`regvi train resume={run_dir}` or set overwrite=true to start again"
         )
+
+
+def is_global_rank_zero() -> bool:
+    """False in the processes of a torchrun-launched run other than global rank 0 (``RANK``
+    is set by torchrun); True otherwise (a single process, or ddp_spawn's launching one)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def preempted_run(exc: BaseException, run_dir: Path) -> Preempted | None:
+    """The :class:`Preempted` error to report when training stopped on a pre-emption signal
+    (raised in this process, or in spawned data-parallel processes, which the launcher
+    reports as another error), else None."""
+    stopped = isinstance(exc, Preempted) or (
+        stop_requested() is not None and layout.checkpoint_path(run_dir).exists()
+    )
+    if not stopped:
+        return None
+    detail = str(exc) if isinstance(exc, Preempted) else "stopped by a pre-emption signal"
+    return Preempted(f"{detail}; continue it with `regvi train resume={run_dir}`")
 
 
 def resume(run_dir: str | Path) -> Path:
@@ -104,14 +131,20 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     :func:`regvi.run.evaluate.evaluate_run`. Raises :class:`~regvi.errors.RegviError`
     subclasses for bad configuration or data; a failed run writes no results file.
     """
-    import lightning.pytorch as pl
-
-    from regvi.train.host_memory import reuse_host_memory
-
     cfg = validate_config(cfg)
     adapter = adapter_for(cfg.model.name)
     run_dir = Path(run_dir)
     check_run_dir(cfg, run_dir, resuming=_resume_from is not None)
+    # SIGUSR2 / SIGTERM from here on: checkpoint at the next step, then Preempted
+    with preemption_signals():
+        return _train(cfg, adapter, run_dir, _resume_from)
+
+
+def _train(cfg: DictConfig, adapter: Any, run_dir: Path, _resume_from: Path | None) -> Path:
+    import lightning.pytorch as pl
+
+    from regvi.train.host_memory import reuse_host_memory
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data, labels_key = adapter.setup(adapter.load_data(cfg), cfg)
@@ -119,19 +152,31 @@ def train(cfg: DictConfig | dict, run_dir: str | Path, _resume_from: Path | None
     log.info("%s", adapter.describe(model, data))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if _resume_from is None:
+    main = is_global_rank_zero()
+    if _resume_from is None and main:
         atomic_write(run_dir / layout.RUN_CONFIG, lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
     logger = tracking.make_logger(cfg, run_dir)
     # the allocator setting is process-wide: applied around this run's training only, and
     # restored afterwards (a library call of model.train() leaves the allocator alone)
     with reuse_host_memory(cfg.trainer.reuse_host_memory):
-        model.train(
-            **train_arguments(cfg, logger),
-            checkpoint_dir=run_dir / layout.CHECKPOINT_DIR,
-            checkpoint_every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
-            checkpoint_min_interval_s=cfg.trainer.checkpoint_min_interval_s,
-            resume_from=_resume_from,
-        )
+        try:
+            model.train(
+                **train_arguments(cfg, logger),
+                checkpoint_dir=run_dir / layout.CHECKPOINT_DIR,
+                checkpoint_every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
+                checkpoint_min_interval_s=cfg.trainer.checkpoint_min_interval_s,
+                resume_from=_resume_from,
+                handle_preemption=True,
+            )
+        except Exception as exc:
+            preempted = preempted_run(exc, run_dir)
+            if preempted is None:
+                raise
+            tracking.finish(logger, exit_code=REQUEUE_EXIT_CODE)
+            raise preempted from None
+    if not main:
+        # a process of a multi-node (torchrun) run: global rank 0 writes every output
+        return run_dir
     adapter.write_outputs(model, data, cfg, run_dir, logger, labels_key)
     if cfg.evaluate:
         from regvi.run.evaluate import evaluate_after_training

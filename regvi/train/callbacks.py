@@ -70,7 +70,8 @@ class EpochCheckpoint(pl.Callback):
     def path(self) -> Path:
         return self.dirpath / LAST_CHECKPOINT
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write the checkpoint now (collective under DDP: every rank calls it)."""
         # save_checkpoint is collective under DDP (every rank calls it, rank 0 writes), so
         # the temporary name must be the same on all ranks; only rank 0 renames.
         tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
@@ -83,15 +84,15 @@ class EpochCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
-            self._save(trainer)
+            self.save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if last or trainer.should_stop:
-            self._save(trainer)
+            self.save(trainer)
         elif epoch % self.every_n_epochs == 0 and self._interval_passed(trainer):
-            self._save(trainer)
+            self.save(trainer)
 
     def _interval_passed(self, trainer: pl.Trainer) -> bool:
         passed = time.monotonic() - self._last_write >= self.min_interval_s

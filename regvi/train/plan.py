@@ -16,6 +16,9 @@ from regvi.errors import NonFiniteLossError, RegviError
 from regvi.module.base import monte_carlo
 from regvi.train.optim import make_adam
 
+#: Checkpoint key of the position inside an epoch (written by a pre-emption checkpoint).
+MID_EPOCH_KEY = "regvi_mid_epoch"
+
 
 class TrainingPlan(pl.LightningModule):
     r"""Trains any regvi module exposing ``loss(batch, n_obs, kl_weight) -> LossOutput``.
@@ -81,6 +84,8 @@ class TrainingPlan(pl.LightningModule):
         self._counts: dict[str, int] = {}
         self._names: dict[str, list[str]] = {}
         self._logged: set[str] = set()
+        self._fetches_done = 0  # training fetches (Lightning batches) done this epoch
+        self._resume_position: dict[str, Any] | None = None  # from a mid-epoch checkpoint
 
     def planned_steps(self) -> int:
         """Optimiser steps this process will take in the whole run, from the built Trainer:
@@ -104,6 +109,25 @@ class TrainingPlan(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.kl_warmup_fraction is not None:
             self.kl_warmup_steps = int(round(self.kl_warmup_fraction * self.planned_steps()))
+        if self._resume_position is not None:
+            self._continue_epoch(self._resume_position)
+            self._resume_position = None
+
+    def _continue_epoch(self, position: dict[str, Any]) -> None:
+        """Resuming from a checkpoint written inside an epoch (a pre-emption): the sampler
+        skips the fetches already trained on (Lightning runs the epoch's remaining batches),
+        the epoch's loss sums continue, and the RNG states are put back now, after Lightning
+        made the epoch's data-loader iterator (which draws from the global generator), so the
+        next step draws what it would have drawn without the interruption."""
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        if hasattr(sampler, "resume_within_epoch"):
+            sampler.resume_within_epoch(int(position["epoch"]), int(position["fetches"]))
+        self._fetches_done = int(position["fetches"])
+        if position.get("names"):
+            self._names["train"] = list(position["names"])
+            self._sums["train"] = position["sums"].to(self.device)
+            self._counts["train"] = int(position["counts"])
+        _set_rng_states(position["rng_states"])
 
     @property
     def kl_weight(self) -> float:
@@ -210,6 +234,7 @@ class TrainingPlan(pl.LightningModule):
             logger.save()
 
     def on_train_epoch_start(self) -> None:
+        self._fetches_done = 0
         self._reset("train")
         self._checked_through = self.global_step - 1  # also right after a resume
 
@@ -236,6 +261,7 @@ class TrainingPlan(pl.LightningModule):
             loss = self._optimisation_step(optimizer, minibatch, last)
             if last_step:
                 break
+        self._fetches_done = batch_idx + 1
         if batch_idx % self.trainer.log_every_n_steps == 0:
             # progress-bar value only; refreshed every log_every_n_steps (self.log is slow)
             self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=1)
@@ -294,24 +320,26 @@ class TrainingPlan(pl.LightningModule):
             _destroy_process_group_at_exit()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store every RNG state, so a resumed run draws the same minibatches and noise."""
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # as tensors and ints: checkpoints stay loadable with torch.load(weights_only=True)
-            "numpy": _numpy_state_to_tensors(np.random.get_state()),  # noqa: NPY002
-            "python": random.getstate(),
-        }
+        """Store every RNG state, so a resumed run draws the same minibatches and noise; inside
+        an epoch (a pre-emption checkpoint) also where the epoch stands."""
+        checkpoint["rng_states"] = _get_rng_states()
+        trainer = self.trainer
+        if 0 < self._fetches_done < trainer.num_training_batches:
+            sums = self._sums.get("train")
+            checkpoint[MID_EPOCH_KEY] = {
+                "epoch": int(trainer.current_epoch),
+                "fetches": int(self._fetches_done),
+                "names": list(self._names.get("train", [])) if sums is not None else [],
+                "sums": sums.detach().cpu() if sums is not None else torch.zeros(0),
+                "counts": int(self._counts.get("train", 0)),
+                "rng_states": checkpoint["rng_states"],
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_position = checkpoint.get(MID_EPOCH_KEY)
         states = checkpoint.get("rng_states")
-        if not states:
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(_numpy_state_from_tensors(states["numpy"]))  # noqa: NPY002
-        random.setstate(states["python"])
+        if states:
+            _set_rng_states(states)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -320,6 +348,24 @@ class TrainingPlan(pl.LightningModule):
         # per-parameter loop is a tenth of a batch-128 CPU step (torch Adam on the
         # reference path, see regvi.fastpath).
         return make_adam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+
+
+def _get_rng_states() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # as tensors and ints: checkpoints stay loadable with torch.load(weights_only=True)
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),  # noqa: NPY002
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state(_numpy_state_from_tensors(states["numpy"]))  # noqa: NPY002
+    random.setstate(states["python"])
 
 
 @functools.cache
