@@ -63,8 +63,8 @@ def test_default_run_with_no_arguments(tmp_path):
     assert "regvi_normalized" in results.layers
     # the offline W&B run holds the figures (and the per-epoch metrics, in its .wandb file)
     logged = list((run_dir / "wandb").glob("offline-run-*/files/media/images/figures/*.png"))
-    assert len(logged) == 2
-    for png in ("loss_curves.png", "umap.png"):
+    assert len(logged) == 3
+    for png in ("loss_curves.png", "umap.png", "posterior_predictive_check.png"):
         assert_png(run_dir / "figures" / png)
 
 

@@ -213,13 +213,13 @@ def test_checkpoints_are_written_at_most_once_per_interval_and_at_the_end(
     from regvi.train.callbacks import EpochCheckpoint
 
     writes = []
-    save = EpochCheckpoint._save
+    save = EpochCheckpoint.save
 
     def counted(self, trainer):
         writes.append(trainer.current_epoch)
         save(self, trainer)
 
-    monkeypatch.setattr(EpochCheckpoint, "_save", counted)
+    monkeypatch.setattr(EpochCheckpoint, "save", counted)
     adata, _ = simulate(n_cells=300, n_genes=40, n_batches=2, seed=0, return_rho=False)
     AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
     model = _small_run(
