@@ -15,6 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def compose_train_config(overrides: list[str]):
+    """The ``train`` config composed from ``conf/`` with ``overrides``, as ``regvi train``
+    composes it (Hydra's global state cleared before and after)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from regvi.cli.app import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="regvi"):
+            return compose("train", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def shared_file(name: str) -> Path:
     """Path of a real dataset; missing data fails in CI and skips only on a dev machine."""
     path = SHARED_DATA / name

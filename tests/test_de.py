@@ -18,7 +18,7 @@ from regvi.errors import DataError
 from regvi.model import AmbientRegularizedSCVI
 from regvi.model.de import fdr_calls
 
-from .conftest import MODEL_ARGS
+from .conftest import MODEL_ARGS, compose_train_config
 
 SCVI_COLUMNS = [
     "proba_de",
@@ -88,10 +88,6 @@ def test_fdr_calls_follow_the_posterior_expected_fdr():
 
 @pytest.mark.parametrize("model", ["rna", "multimodal"])
 def test_de_of_a_run_writes_table_and_figures(tmp_path, model):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from regvi.cli.app import config_dir
     from regvi.run import layout
     from regvi.run import train as run_train
     from regvi.run.de import differential_expression_run
@@ -107,12 +103,7 @@ def test_de_of_a_run_writes_table_and_figures(tmp_path, model):
         "outputs.figures=false",
         "logger=none",
     ]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="regvi"):
-            cfg = compose("train", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_train_config(overrides)
     run_dir = run_train(cfg, tmp_path / "run")
     table = differential_expression_run(run_dir, "cell_type", n_samples=200)
     saved = pd.read_csv(layout.de_table_path(run_dir, "cell_type"))

@@ -23,21 +23,7 @@ from regvi.errors import ConfigError, DataError
 from regvi.metrics import knn_label_transfer
 from regvi.model import AmbientRegularizedSCVI
 
-from .conftest import MODEL_ARGS, RESULTS, read_results
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from regvi.cli.app import config_dir
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="regvi"):
-            return compose("train", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+from .conftest import MODEL_ARGS, RESULTS, compose_train_config, read_results
 
 
 def _cli(args: list) -> subprocess.CompletedProcess:
@@ -268,7 +254,7 @@ def test_cli_map(tmp_path, model):
     from regvi.run.pipeline import train
 
     reference, query, root = _reference_and_query(model, tmp_path)
-    cfg = _compose(
+    cfg = compose_train_config(
         [
             *MODEL_ARGS[model],
             f"data.path={reference}",

@@ -15,7 +15,7 @@ from regvi.errors import DataError
 from regvi.model import AmbientRegularizedSCVI, RegularizedMultimodalVI
 from regvi.plots import log_pearson
 
-from .conftest import MODEL_ARGS
+from .conftest import MODEL_ARGS, compose_train_config
 
 TRAIN = {"max_epochs": 60, "batch_size": 128, "enable_progress_bar": False}
 
@@ -126,10 +126,6 @@ def test_multimodal_model_checks_per_modality(multimodal_model):
 
 @pytest.mark.parametrize("model", ["rna", "multimodal"])
 def test_train_writes_the_posterior_predictive_check_figure(tmp_path, model):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from regvi.cli.app import config_dir
     from regvi.run import layout
     from regvi.run import train as run_train
 
@@ -143,12 +139,7 @@ def test_train_writes_the_posterior_predictive_check_figure(tmp_path, model):
         "trainer.enable_progress_bar=false",
         "logger=none",
     ]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="regvi"):
-            cfg = compose("train", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_train_config(overrides)
     run_dir = run_train(cfg, tmp_path / "run")
     figure = run_dir / layout.FIGURES_DIR / layout.PPC_FIGURE
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ from regvi.errors import REQUEUE_EXIT_CODE, Preempted
 from regvi.run import layout
 from regvi.train.plan import MID_EPOCH_KEY
 
-from .conftest import MODEL_ARGS
+from .conftest import MODEL_ARGS, compose_train_config
 
 TINY = [
     "data.simulate.n_cells=240",
@@ -40,18 +40,9 @@ REGVI = [sys.executable, "-m", "regvi.cli.app"]
 
 
 def compose_config(*overrides: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from regvi.cli.app import config_dir
     from regvi.config import validate_config
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="regvi"):
-            return validate_config(compose("train", overrides=list(overrides)))
-    finally:
-        GlobalHydra.instance().clear()
+    return validate_config(compose_train_config(list(overrides)))
 
 
 class _SignalAt(pl.Callback):
