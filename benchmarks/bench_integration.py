@@ -106,7 +106,13 @@ def _train_regvi(adata, train, test, size: dict, variant: dict, seed: int, epoch
         train_kwargs["max_epochs"] = epochs
     model.train(**train_kwargs)
     latent = model.get_latent_representation(adata)
-    return latent, model.get_reconstruction_error(test)
+    history = model.history
+    curve = history["elbo_validation"] if "elbo_validation" in history else None
+    extra = {"epochs_trained": len(history)}
+    if curve is not None and curve.notna().any():
+        extra["best_validation_epoch"] = int(curve.to_numpy().argmin()) + 1
+        extra["elbo_validation"] = [round(float(v), 3) for v in curve]
+    return latent, model.get_reconstruction_error(test), extra
 
 
 def _train_scvi(adata, train, test, size: dict, variant: dict, seed: int, epochs):
@@ -123,7 +129,7 @@ def _train_scvi(adata, train, test, size: dict, variant: dict, seed: int, epochs
     model.train(**train_kwargs)
     latent = model.get_latent_representation(adata)
     nll = float(model.get_reconstruction_error(test)["reconstruction_loss"])
-    return latent, nll
+    return latent, nll, {"epochs_trained": int(model.history["elbo_train"].shape[0])}
 
 
 def _worker(spec: dict, out: str) -> None:
@@ -137,11 +143,12 @@ def _worker(spec: dict, out: str) -> None:
     train, test = adata[~test_mask].copy(), adata[test_mask].copy()
     fit = _train_regvi if spec["tool"] == "regvi" else _train_scvi
     start = time.perf_counter()
-    latent, nll = fit(
+    latent, nll, extra = fit(
         adata, train, test, SIZES[spec["size"]], spec["variant"], spec["seed"], spec["epochs"]
     )
+    seconds = time.perf_counter() - start
     np.save(out, np.asarray(latent, dtype=np.float32))
-    print(json.dumps({"heldout_nll": float(nll), "seconds": time.perf_counter() - start}))
+    print(json.dumps({"heldout_nll": float(nll), "seconds": seconds, **extra}))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -223,6 +230,7 @@ HEADLINE = [
     "nbr_corr_other_batch",
     "heldout_nll",
     "seconds",
+    "epochs_trained",
 ]
 
 
