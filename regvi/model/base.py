@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
 
 from regvi.data.loader import (
     CsrMinibatchDataset,
@@ -28,7 +27,13 @@ from regvi.model.mapping import QueryMappingMixin
 from regvi.model.posterior import DifferentialExpressionMixin, PosteriorMixin
 from regvi.outputs import atomic_write
 from regvi.run.layout import MODEL_HISTORY, MODEL_METADATA, MODEL_WEIGHTS
-from regvi.train import EpochCheckpoint, HistoryCallback, ThrottledProgressBar, TrainingPlan
+from regvi.train import (
+    ElboEarlyStopping,
+    EpochCheckpoint,
+    HistoryCallback,
+    ThrottledProgressBar,
+    TrainingPlan,
+)
 from regvi.train.preemption import PreemptionCallback
 
 #: Layout of saved weights. 2: the first layer of every block stack (``InputLinear``) stores
@@ -324,11 +329,9 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             if val_loader is None:
                 raise DataError("early stopping needs a validation set: set train_size below 1")
             all_callbacks.append(
-                EarlyStopping(
-                    monitor="elbo_validation",
+                ElboEarlyStopping(
                     min_delta=early_stopping_min_delta_per_feature * self.n_features,
                     patience=early_stopping_patience,
-                    mode="min",
                 )
             )
         if checkpoint is not None:

@@ -2,6 +2,7 @@
 
 from regvi.train.callbacks import (
     LAST_CHECKPOINT,
+    ElboEarlyStopping,
     EpochCheckpoint,
     HistoryCallback,
     ThrottledProgressBar,
@@ -10,6 +11,7 @@ from regvi.train.plan import TrainingPlan
 
 __all__ = [
     "LAST_CHECKPOINT",
+    "ElboEarlyStopping",
     "EpochCheckpoint",
     "HistoryCallback",
     "ThrottledProgressBar",
