@@ -53,6 +53,50 @@ def test_early_stopping_stops_a_run_that_stopped_improving():
     assert len(model.history) < 200
 
 
+@pytest.mark.parametrize("kind", ["rna", "multimodal"])
+def test_early_stopping_waits_for_the_kl_warmup_and_restores_the_best_epoch(kind, tmp_path):
+    """Patience counts only once the KL weight is 1 (an improvement threshold no epoch meets
+    used to stop the run within the warm-up), and the model ends with the weights of the
+    post-warm-up epoch with the lowest validation ELBO, not those of the last epoch."""
+    import torch
+
+    from regvi.train import ElboEarlyStopping
+
+    if kind == "rna":
+        adata, _ = simulate(n_cells=300, n_genes=40, n_cell_types=2, n_batches=2, seed=2)
+        AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+        model = AmbientRegularizedSCVI(adata, n_latent=3, n_hidden=16)
+    else:
+        from .test_multimodal import build, make_mdata
+
+        model = build(make_mdata(n_cells=300, seed=2))
+    model.train(
+        max_epochs=40,
+        batch_size=64,
+        kl_warmup_fraction=0.5,
+        early_stopping=True,
+        early_stopping_patience=3,
+        early_stopping_min_delta_per_feature=1.0,  # no epoch improves by a count per feature
+        checkpoint_dir=tmp_path,
+        enable_progress_bar=False,
+    )
+    history = model.history
+    after_warmup = history[history["kl_weight"] >= 1.0]
+    first = int(after_warmup.index[0])
+    assert first >= 19  # the warm-up ran to its end: 20 of the 40 planned epochs
+    # the first epoch at weight 1 sets the bar, then 3 epochs of patience
+    assert len(history) == first + 1 + 3
+    stopper = next(c for c in model.trainer_.callbacks if isinstance(c, ElboEarlyStopping))
+    assert stopper.best_epoch == int(after_warmup["elbo_validation"].idxmin())
+    weights = model.module.state_dict()
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    last = {k.removeprefix("module."): v for k, v in last["state_dict"].items()}
+    best = stopper.state_dict()["best_state"]
+    assert all(torch.equal(weights[k].cpu(), best[k.join(["module.", ""])].cpu()) for k in weights)
+    if stopper.best_epoch != len(history) - 1:
+        assert any(not torch.equal(weights[k].cpu(), last[k]) for k in weights)
+
+
 def test_save_load_reproduces_latent(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")
