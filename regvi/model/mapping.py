@@ -173,7 +173,6 @@ class QueryMappingMixin:
         before = {k: v.detach().clone() for k, v in mapped.module.state_dict().items()}
         grown = mapped._add_library_rows(key, len(added))
         handles = _freeze_except(mapped.module, grown)
-        mapped.module.train()  # the copy is in eval mode; train as at training (sampling)
         try:
             mapped.train(
                 max_epochs=max_epochs,
