@@ -329,3 +329,35 @@ def test_kl_warmup_length_comes_from_the_built_trainer():
     plan = model.trainer_.lightning_module
     assert plan.kl_warmup_steps == model.trainer_.global_step == 8  # 4 of 8 steps, twice
     assert model.history["kl_weight"].tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_a_loaded_model_trains_in_train_mode(trained, tmp_path):
+    """``load`` (and ``train``) leave the module in eval mode, and Lightning (2.2+) does not
+    switch it back: training it again (or mapping a query onto it) must still train with
+    dropout on and the posteriors sampled."""
+    import lightning.pytorch as pl
+
+    adata, model = trained
+    model.save(tmp_path / "m")
+    loaded = AmbientRegularizedSCVI.load(tmp_path / "m", adata)
+    assert not loaded.module.training
+
+    class ModeProbe(pl.Callback):
+        def __init__(self):
+            self.modes = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.modes.append(all(m.training for m in pl_module.modules()))
+
+    query = adata[:200].copy()
+    query.obs["batch"] = "batch_new"  # a new library: mapping learns its rows
+    quiet = {"max_epochs": 1, "batch_size": 64, "enable_progress_bar": False}
+    for fit in (
+        lambda probe: loaded.train(callbacks=[probe], **quiet),
+        lambda probe: model.train(callbacks=[probe], **quiet),
+        lambda probe: loaded.map_query(query, callbacks=[probe], **quiet),
+    ):
+        probe = ModeProbe()
+        fit(probe)
+        assert probe.modes and all(probe.modes), probe.modes
+    assert not loaded.module.training  # inference afterwards runs in eval mode

@@ -141,12 +141,12 @@ def map_query(
     ] = 15,
     debug: Annotated[bool, typer.Option("--debug", help="Full traceback on errors.")] = False,
 ) -> None:
-    """Map cells from new libraries onto a trained reference: regvi map RUN_DIR
+    """Map cells from new libraries (or studies) onto a trained reference: regvi map RUN_DIR
     data.path=query.h5ad (an RNA run) or data.path=query.h5mu (a multimodal run);
     optionally trainer.max_epochs=N, trainer.accelerator=gpu, data.batch_size=N,
     data.layer=counts (RNA), outputs.figures=false, seed=0. The reference network stays
-    frozen; each new library gets its own ambient, feature scaling, dispersion and
-    library-size prior, learned on the query cells. Writes the query's results file (obsm
+    frozen; each new library gets its own ambient, dispersion and library-size prior, each
+    new study (dataset key) or kit its own feature scaling, learned on the query cells. Writes the query's results file (obsm
     X_regvi in the reference's latent space; with the run's labels column, the transferred
     label and its uncertainty in obs), the mapped model and figures/map_umap.png; prints the
     output directory."""

@@ -213,7 +213,7 @@ class CovariateEncoder:
     def add_categories(self, obs: pd.DataFrame, col: str) -> list[str]:
         """Append to ``col``'s stored categories those of ``obs[col]`` not seen so far (in
         :meth:`fit`'s order) and return them; existing codes are unchanged. Query mapping
-        uses it for the library key: the new libraries get codes after the known ones."""
+        uses it for every categorical column: new values get codes after the known ones."""
         if col not in self.categories:
             raise DataError(f"obs column {col!r} is not a categorical covariate of the model")
         if col not in obs.columns:

@@ -355,6 +355,10 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             limit_val_batches=None if val_loader is not None else 0,
             **trainer_kwargs,
         )
+        # Lightning (>= 2.2) trains the module in whatever mode it finds it; a model from
+        # load(), _copy() or an earlier train() is in eval mode (dropout off, posteriors at
+        # their means), so switch every submodule to train mode here.
+        plan.train()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")

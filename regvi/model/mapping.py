@@ -1,14 +1,16 @@
-"""Mapping query cells from new libraries onto a trained reference (scArches-style), written
-once for both models.
+"""Mapping query cells from new libraries (and new studies) onto a trained reference
+(scArches-style), written once for both models.
 
-A reference model knows a fixed list of libraries (the categories of its library key). Cells
-from a library it never saw cannot be encoded with it: every library owns rows of the
-technical tables — ambient :math:`s_{b,g}`, feature scaling :math:`y_{t,g}`, dispersion
-:math:`\\theta_{d,g}`, library-size prior :math:`p(\\ell \\mid p)` — and, when the library key
-conditions the decoder (``nn_conditioning_covariate_keys``, the default with ``batch_key``)
-or the encoder (``encoder_covariate_keys``), columns of the one-hot injections.
-:meth:`QueryMappingMixin.map_query` appends one new row (column) per new library to each of
-those tables, starts it as training does, and learns only the new rows on the query cells:
+A reference model knows a fixed list of categories per covariate (libraries, datasets,
+kits...). Cells with a value it never saw cannot be encoded with it: every category owns rows
+of the technical tables its column indexes — ambient :math:`s_{b,g}`, feature scaling
+:math:`y_{t,g}`, dispersion :math:`\\theta_{d,g}`, library-size prior :math:`p(\\ell \\mid p)`
+— and, when the column conditions the decoder (``nn_conditioning_covariate_keys``, the
+default with ``batch_key``) or the encoder (``encoder_covariate_keys``), columns of the
+one-hot injections. Every one of those roles is a per-category table, so any categorical
+covariate can take new values: :meth:`QueryMappingMixin.map_query` inserts one new row
+(column) per new value into each table its column indexes, starts it as training does, and
+learns only the new rows on the query cells:
 
 .. math::
     \\min_{\\phi_{new}}\\; \\frac1B\\sum_{n\\in\\text{query}}\\big[-\\log p(x_n\\mid z_n,\\ell_n;
@@ -16,7 +18,7 @@ those tables, starts it as training does, and learns only the new rows on the qu
         p(\\ell_n))\\big] + \\frac1{N_q}\\,\\text{penalties}(\\phi_{new})
 
 with every reference parameter :math:`\\phi_{ref}` (encoders, decoders, the pooled dispersion
-centre and spread, the rows of known libraries) frozen.
+centre and spread, the rows of known categories) frozen.
 """
 
 from __future__ import annotations
@@ -92,45 +94,48 @@ class QueryMappingMixin:
         lr: float = 1e-3,
         **train_kwargs: Any,
     ) -> Any:
-        r"""A new model over the query cells ``data``, from libraries the reference may never
-        have seen, in the reference's latent space (scArches-style reference mapping). This
-        model is left untouched.
+        r"""A new model over the query cells ``data``, from libraries (and studies, kits...)
+        the reference may never have seen, in the reference's latent space (scArches-style
+        reference mapping). This model is left untouched.
 
         * **The reference network stays frozen**: encoders and decoders, the pooled
           dispersion centre and spread, the library encoder's residual weight, and every
-          existing row of every table. The latent of any cell of a known library is
+          existing row of every table. The latent of any cell of known categories is
           therefore bitwise that of the reference model (on the same device).
-        * **New libraries** (new values of the library key, ``batch_key`` / ``library_key``)
-          get new rows of every table the library key indexes, started as at training, from
-          the query data with the same code: ambient :math:`\beta_{b,g} = \log(f\,
+        * **New values of any categorical covariate** — new libraries (``batch_key`` /
+          ``library_key``), a new study (``dataset_key``), a new kit
+          (``technical_covariate_keys``), or any key of the model roles — get new rows of
+          every table their column indexes, started as at training, from the query data
+          with the same code: ambient :math:`\beta_{b,g} = \log(f\,
           \overline{x^{norm}}_{g,b})` (:func:`~regvi.module.init.data_dependent_init`),
           feature scaling :math:`y = 0.99` (the prior mean), dispersion at the learned
           per-gene centre (offset 0, pooled) or at θ ≈ 9 (independent groups), and a
-          library-size prior from the library's observed log library sizes
+          library-size prior from the group's observed log library sizes
           (:func:`~regvi.module.init.library_prior_stats`, centred on the reference's
           :math:`\bar m`). Only those rows are learned, on the query cells alone, with
           the objective of training (global terms divided by the number of query
-          training cells, no KL warm-up, no weight decay).
+          training cells, no KL warm-up, no weight decay). A column that indexes no table
+          (a dataset key when the feature-scaling keys are given explicitly) just records
+          its new values.
         * **No network surgery is needed by default**: the encoder is batch-free (SPEC
-          section 1), so a query cell's latent does not depend on its library at all and
-          the new rows only explain its counts. When the library key conditions the
+          section 1), so a query cell's latent does not depend on its covariates at all and
+          the new rows only explain its counts. When a column with new values conditions the
           decoder (``nn_conditioning_covariate_keys``, the default with ``batch_key``) or
           the encoder (``encoder_covariate_keys``), each injected layer gets one new
-          one-hot column per new library (scArches' surgery), started as at training; only
+          one-hot column per new value (scArches' surgery), started as at training; only
           those columns get gradients.
-        * **Known libraries** in the query keep their trained parameters.
-        * Any other covariate (dataset, technical, conditioning keys) must take values the
-          reference saw; an unseen one is a :class:`~regvi.errors.DataError`, as are
-          missing features.
+        * **Known categories** in the query keep their trained parameters.
+        * A :class:`~regvi.errors.DataError`: missing features or covariate columns, and a
+          new dataset on cells of a library the reference knows (each library belongs to
+          exactly one dataset; its rows were learned in its reference dataset).
 
-        The returned model is an ordinary model (categories: the reference's libraries, then
-        the new ones; ``save``/``load`` work, and it encodes reference cells too); its
+        The returned model is an ordinary model (categories: the reference's, then the new
+        ones of each column; ``save``/``load`` work, and it encodes reference cells too); its
         ``history`` is the mapping's. ``max_epochs`` defaults to scvi-tools' heuristic for
         the query size; ``batch_size`` is capped at the number of query training cells;
         other keyword arguments go to :meth:`train` (``accelerator``, ``precision``,
         ``logger``, ``enable_progress_bar``, ``split_seed``, ``early_stopping`` with
-        ``train_size < 1``, ...). Without new libraries nothing is
-        learned.
+        ``train_size < 1``, ...). Without new values nothing is learned.
         """
         fixed = sorted(set(train_kwargs) & set(_FIXED_TRAIN_ARGUMENTS))
         if fixed:
@@ -138,30 +143,38 @@ class QueryMappingMixin:
         devices = train_kwargs.pop("devices", 1)
         if str(devices) not in ("1", "auto"):
             raise ConfigError(f"map_query trains in one process (got devices={devices!r})")
-        key = self._library_key()
-        if key is None:
+        columns = list(
+            dict.fromkeys(
+                c for e in self._covariate_encoders() for c in e.keys.categorical_columns()
+            )
+        )
+        if not columns:
             raise ConfigError(
                 "query mapping needs a model set up with a library key (batch_key or "
-                "library_key): new libraries are what it learns parameters for"
+                "library_key) or another categorical covariate: new values of those are what "
+                "it learns parameters for"
             )
         mapped = self._copy(data)
         obs = mapped._obs(data)
-        added: list[str] | None = None
+        added: dict[str, list[str]] = {}
+        for column in columns:
+            for encoder in mapped._covariate_encoders():
+                if column in encoder.categories:
+                    new = encoder.add_categories(obs, column)
+                    added.setdefault(column, new)
+        added = {column: new for column, new in added.items() if new}
         for encoder in mapped._covariate_encoders():
-            if key in encoder.categories:
-                new = encoder.add_categories(obs, key)
-                added = new if added is None else added
+            _check_new_datasets(encoder, obs, added)
             encoder._check_library_dataset(obs)
-        added = added or []
-        mapped._dataset()  # encodes the query: missing features or unseen categories fail here
-        n_known = len(obs) - int(obs[key].astype(str).isin(added).sum())
+        mapped._dataset()  # encodes the query: missing features fail here
         log.info(
-            "query: %d cells; %d new librar%s (%s), %d cells of known libraries",
+            "query: %d cells; new covariate values: %s",
             len(obs),
-            len(added),
-            "y" if len(added) == 1 else "ies",
-            ", ".join(added[:5]) + (", ..." if len(added) > 5 else ""),
-            n_known,
+            "; ".join(
+                f"{column}: {', '.join(new[:5])}{', ...' if len(new) > 5 else ''}"
+                for column, new in added.items()
+            )
+            or "none",
         )
         if not added:
             return mapped
@@ -171,9 +184,13 @@ class QueryMappingMixin:
         )[0].size
         batch_size = min(batch_size, n_train)
         before = {k: v.detach().clone() for k, v in mapped.module.state_dict().items()}
-        grown = mapped._add_library_rows(key, len(added))
+        grown = mapped._add_category_rows(added)
         handles = _freeze_except(mapped.module, grown)
-        mapped.module.train()  # the copy is in eval mode; train as at training (sampling)
+        if not handles:
+            log.info("the new values index no learnable table: nothing to learn")
+            for parameter in mapped.module.parameters():
+                parameter.requires_grad_(True)
+            return mapped
         try:
             mapped.train(
                 max_epochs=max_epochs,
@@ -193,115 +210,166 @@ class QueryMappingMixin:
         _restore_reference_rows(mapped.module, before, grown)
         return mapped
 
-    def _add_library_rows(self, key: str, n_new: int) -> dict[str, tuple[int, int]]:
-        """Append the rows (columns) of ``n_new`` new categories of ``key`` to every table it
-        indexes, in every count modality; the covariate encoders already list them last.
-        Returns ``{state-dict name: (first new row, number of new rows)}`` of the grown
-        tensors."""
-        owners: list[tuple[nn.Module, int, int]] = []
+    def _add_category_rows(self, added: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+        """Insert the rows (one-hot columns) of the new categories ``added`` (``{column: new
+        values}``, already appended to the covariate encoders' categories) into every table
+        their columns index, in every count modality, each row started as at training.
+        Returns ``{state-dict name: boolean mask of its new rows}`` of the grown tensors."""
+        events: list[tuple[nn.Module, str, int, int, int]] = []
 
-        def grow(component: nn.Module, position: int, add: Any) -> None:
-            before = {
+        def grow(component: nn.Module, position: int, n_new: int, add: Any) -> None:
+            shapes = {
                 name: t.shape
                 for name, t in [*component._parameters.items(), *component._buffers.items()]
             }
             add()
             for name, t in [*component._parameters.items(), *component._buffers.items()]:
-                if t is not None and t.shape != before.get(name):
-                    owners.append((component, name, position))
+                if t is not None and t.shape != shapes.get(name):
+                    events.append((component, name, position, n_new, shapes[name][0]))
 
         for spec in self._mapping_parts():
             part, cov = spec.part, spec.covariates
             totals = cell_totals(spec.counts)
+            log_ambient = None
             for role in (*LIST_ROLES, *SINGLE_ROLES):
                 keys = cov.keys.role_keys(role)
-                if key not in keys:
-                    continue
-                before_key = sum(len(cov.categories[k]) for k in keys[: keys.index(key)])
-                position = before_key + len(cov.categories[key]) - n_new
                 short = ROLE_NAMES[role]
-                if short == "ambient" and part.ambient is not None:
-                    n_ambient = sum(cov.n_categories("ambient_covariate_keys"))
-                    _, log_ambient = data_dependent_init(
-                        spec.counts,
-                        totals,
-                        float(part.library.global_log_mean),
-                        spec.codes["ambient"],
-                        n_ambient,
-                        spec.ambient_fraction,
-                        float(part.library.log_sensitivity),
+                # last key first: the tables still hold the reference's rows of the keys
+                # before it, so its insertion point counts their old rows only
+                for j in reversed(range(len(keys))):
+                    key = keys[j]
+                    n_new = len(added.get(key, ()))
+                    if not n_new:
+                        continue
+                    n_old = len(cov.categories[key]) - n_new
+                    position = n_old + sum(
+                        len(cov.categories[k]) - len(added.get(k, ())) for k in keys[:j]
                     )
-                    rows = log_ambient[position : position + n_new]
-                    grow(
-                        part.ambient,
-                        position,
-                        lambda a=part.ambient, r=rows, p=position: a.add_categories(p, r),
-                    )
-                elif short == "feature_scaling" and part.feature_scaling is not None:
-                    scaling = part.feature_scaling
-                    grow(
-                        scaling, position, lambda s=scaling, p=position: s.add_categories(p, n_new)
-                    )
-                elif short in ("nn_conditioning", "encoder"):
-                    stacks = (
-                        [part.decoder.layers]
-                        if short == "nn_conditioning"
-                        else [e.layers for e in spec.encoders] + [part.library.encoder.layers]
-                    )
-                    for stack in stacks:
-                        for injection in stack.injections:
-                            grow(
-                                injection,
-                                position,
-                                lambda i=injection, p=position: i.add_categories(p, n_new),
+                    if short == "ambient" and part.ambient is not None:
+                        if log_ambient is None:  # every new row of every key, final layout
+                            _, log_ambient = data_dependent_init(
+                                spec.counts,
+                                totals,
+                                float(part.library.global_log_mean),
+                                spec.codes["ambient"],
+                                sum(cov.n_categories("ambient_covariate_keys")),
+                                spec.ambient_fraction,
+                                float(part.library.log_sensitivity),
                             )
-                elif short == "dispersion":
-                    grow(part.dispersion, position, lambda d=part.dispersion: d.add_groups(n_new))
-                    if not part.dispersion.pooled:
-                        # one reference group (or pooling off): the groups stay independent,
-                        # and the saved arguments say so (a rebuilt module would pool them)
-                        self._set_option("dispersion_pooling", spec.name, False)
-                elif short == "library_size":
-                    prior = library_prior_stats(
-                        totals, spec.codes["library_size"] - position, n_new
-                    )
-                    grow(
-                        part.library, position, lambda lib=part.library, q=prior: lib.add_groups(q)
-                    )
+                        first = n_old + sum(len(cov.categories[k]) for k in keys[:j])
+                        rows = log_ambient[first : first + n_new]
+                        grow(
+                            part.ambient,
+                            position,
+                            n_new,
+                            lambda a=part.ambient, r=rows, p=position: a.add_categories(p, r),
+                        )
+                    elif short == "feature_scaling" and part.feature_scaling is not None:
+                        scaling = part.feature_scaling
+                        grow(
+                            scaling,
+                            position,
+                            n_new,
+                            lambda s=scaling, p=position, n=n_new: s.add_categories(p, n),
+                        )
+                    elif short in ("nn_conditioning", "encoder"):
+                        stacks = (
+                            [part.decoder.layers]
+                            if short == "nn_conditioning"
+                            else [e.layers for e in spec.encoders] + [part.library.encoder.layers]
+                        )
+                        for stack in stacks:
+                            for injection in stack.injections:
+                                grow(
+                                    injection,
+                                    position,
+                                    n_new,
+                                    lambda i=injection, p=position, n=n_new: i.add_categories(p, n),
+                                )
+                    elif short == "dispersion":
+                        grow(
+                            part.dispersion,
+                            position,
+                            n_new,
+                            lambda d=part.dispersion, n=n_new: d.add_groups(n),
+                        )
+                        if not part.dispersion.pooled:
+                            # one reference group (or pooling off): the groups stay
+                            # independent, and the saved arguments say so (a rebuilt module
+                            # would pool them)
+                            self._set_option("dispersion_pooling", spec.name, False)
+                    elif short == "library_size":
+                        prior = library_prior_stats(
+                            totals, spec.codes["library_size"] - n_old, n_new
+                        )
+                        grow(
+                            part.library,
+                            position,
+                            n_new,
+                            lambda lib=part.library, q=prior: lib.add_groups(q),
+                        )
+        masks: dict[tuple[int, str], torch.Tensor] = {}
+        owners: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+        for owner, attr, position, n_new, rows_before in events:
+            key = (id(owner), attr)
+            mask = masks.get(key, torch.zeros(rows_before, dtype=torch.bool))
+            masks[key] = torch.cat(
+                [mask[:position], torch.ones(n_new, dtype=torch.bool), mask[position:]]
+            )
+            owners[key] = (owner, attr)
         names = {id(t): name for name, t in self.module.state_dict(keep_vars=True).items()}
         return {
-            names[id(getattr(owner, attr))]: (position, n_new) for owner, attr, position in owners
+            names[id(getattr(owner, attr))]: masks[key] for key, (owner, attr) in owners.items()
         }
 
 
+def _check_new_datasets(encoder: CovariateEncoder, obs: Any, added: dict[str, list[str]]) -> None:
+    """A new study (new value of the dataset key) brings new libraries: a library the
+    reference knows belongs to the dataset it was trained in, so it cannot move to a new one
+    (its rows were learned there); that is a :class:`~regvi.errors.DataError`."""
+    lib, ds = encoder.keys.library_key, encoder.keys.dataset_key
+    if not lib or not ds or ds not in added:
+        return
+    new_libraries = set(added.get(lib, ()))
+    dataset = obs[ds].astype(str)
+    library = obs[lib].astype(str)
+    moved = sorted(set(library[dataset.isin(added[ds]) & ~library.isin(new_libraries)]))
+    if moved:
+        shown = ", ".join(repr(m) for m in moved[:5])
+        raise DataError(
+            f"obs column {ds!r} (the dataset key) has new value(s) "
+            f"{', '.join(repr(v) for v in added[ds][:5])} on cells of librar"
+            f"{'y' if len(moved) == 1 else 'ies'} {shown} that the reference knows in another "
+            f"dataset; each library belongs to exactly one dataset: give those cells their "
+            f"reference dataset, or new library names if they are new libraries"
+        )
+
+
 def _freeze_except(
-    module: nn.Module, grown: dict[str, tuple[int, int]]
+    module: nn.Module, grown: dict[str, torch.Tensor]
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Freeze every parameter of ``module`` but the new rows of the grown tables: the others
-    stop requiring gradients, and a hook zeroes the gradient of a grown table's old rows (so
-    Adam, without weight decay, leaves them bitwise unchanged). Returns the hooks' handles."""
+    """Freeze every parameter of ``module`` but the new rows of the grown tables (``grown``:
+    name -> boolean mask of its new rows): the others stop requiring gradients, and a hook
+    zeroes the gradient of a grown table's old rows (so Adam, without weight decay, leaves
+    them bitwise unchanged). Returns the hooks' handles (none: nothing to learn)."""
     handles = []
     for name, parameter in module.named_parameters():
         if name not in grown:
             parameter.requires_grad_(False)
             continue
-        start, n = grown[name]
         parameter.requires_grad_(True)
 
-        def keep_new_rows(grad: torch.Tensor, start: int = start, stop: int = start + n):
-            masked = torch.zeros_like(grad)
-            masked[start:stop] = grad[start:stop]
-            return masked
+        def keep_new_rows(grad: torch.Tensor, mask: torch.Tensor = grown[name]) -> torch.Tensor:
+            keep = mask.to(grad.device).view(-1, *([1] * (grad.dim() - 1)))
+            return grad.masked_fill(~keep, 0.0)
 
         handles.append(parameter.register_hook(keep_new_rows))
-    if not handles:
-        raise DataError("the new libraries index no learnable table of the model")
     return handles
 
 
 @torch.no_grad()
 def _restore_reference_rows(
-    module: nn.Module, reference: dict[str, torch.Tensor], grown: dict[str, tuple[int, int]]
+    module: nn.Module, reference: dict[str, torch.Tensor], grown: dict[str, torch.Tensor]
 ) -> None:
     """Copy the reference's values back into every tensor of ``module`` outside the new rows
     (a no-op after frozen training; it also undoes any running statistics a ``norm="batch"``
@@ -309,8 +377,6 @@ def _restore_reference_rows(
     for name, tensor in module.state_dict(keep_vars=True).items():
         old = reference[name].to(tensor.device)
         if name in grown:
-            start, n = grown[name]
-            tensor.data[:start].copy_(old[:start])
-            tensor.data[start + n :].copy_(old[start:])
+            tensor.data[~grown[name].to(tensor.device)] = old
         else:
             tensor.data.copy_(old)

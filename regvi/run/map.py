@@ -1,11 +1,11 @@
-"""``regvi map <run_dir> data.path=<query.h5ad|query.h5mu>``: map cells from new libraries onto
-a trained reference (either model) and transfer its labels.
+"""``regvi map <run_dir> data.path=<query.h5ad|query.h5mu>``: map cells from new libraries
+(or studies) onto a trained reference (either model) and transfer its labels.
 
 Writes into ``<run_dir>/map/<time>/`` (or ``out_dir``) the outputs of a run for the query
 cells (see :mod:`regvi.run.rna` / :mod:`regvi.run.multimodal`): the results file with
 ``obsm["X_regvi"]`` in the reference's latent space and, when the reference run had a labels
 column, ``obs["regvi_predicted_<labels_key>"]`` and ``obs["regvi_prediction_uncertainty"]``;
-the mapped model (``model/``, whose categories are the reference's libraries and the new
+the mapped model (``model/``, whose categories are the reference's and the new
 ones), ``history.csv`` of the mapping, ``config.yaml`` and ``figures/``, among them
 ``map_umap.png``: a joint UMAP of reference and query cells coloured by origin and by label.
 """
@@ -80,8 +80,8 @@ def map_query_run(
     n_neighbors: int = LABEL_TRANSFER_NEIGHBOURS,
 ) -> Path:
     """Map the cells of ``data_path`` onto the model of the finished run ``run_dir`` with
-    its ``map_query`` (new libraries get new technical rows learned on the query alone; the
-    reference network is frozen), transfer the reference's labels by a kNN vote in the
+    its ``map_query`` (new libraries and studies get new technical rows learned on the query
+    alone; the reference network is frozen), transfer the reference's labels by a kNN vote in the
     latent (``n_neighbors`` neighbours among the reference cells of the run's results file;
     see :func:`regvi.metrics.knn_label_transfer`) and write the outputs into ``out_dir``
     (default ``<run_dir>/map/<timestamp>``); return ``out_dir``.
@@ -89,8 +89,10 @@ def map_query_run(
     ``overrides`` (see :data:`MAP_KEYS`): ``data.path``, ``data.layer``, ``seed``,
     ``outputs.<key>``, ``data.batch_size`` and ``trainer.<key>`` (the run's values by
     default; ``trainer.max_epochs`` defaults to scvi-tools' heuristic for the query size,
-    not the reference's). Raises :class:`~regvi.errors.DataError` for a query with missing
-    features or an unseen value of a covariate other than the library key.
+    not the reference's). New values of any categorical covariate (libraries, studies,
+    kits) get their own rows (see :meth:`~regvi.model.mapping.QueryMappingMixin.map_query`).
+    Raises :class:`~regvi.errors.DataError` for a query with missing features or covariate
+    columns, or a known library in a new dataset.
     """
     import lightning.pytorch as pl
 
