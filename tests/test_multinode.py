@@ -175,3 +175,18 @@ def test_two_node_element_sent_the_warning_signal_is_requeued_and_resumes(tmp_pa
     # after the resume the 2 ranks' trajectory is not bit-identical to the uninterrupted
     # one (unlike a single process's): the same run, not the same numbers
     assert abs(res["loss_train"].iloc[-1] / ref["loss_train"].iloc[-1] - 1) < 0.1
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_global_rank_zero_writes_hydras_directory(tmp_path, monkeypatch, rank):
+    """Every rank composes the element's config with Hydra in the same run dir: ranks other
+    than 0 run with hydra.output_subdir=null, so .hydra/ has one writer."""
+    sweep_dir = _multinode_sweep(tmp_path, 1, "hydra.output_subdir=.cfg")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    assert sweep.run_element(sweep_dir, 1, train=lambda args: seen.append(args) or 0) == 0
+    subdirs = [a for a in seen[0] if a.startswith("hydra.output_subdir=")]
+    assert subdirs == (["hydra.output_subdir=.cfg"] if rank == 0 else ["hydra.output_subdir=null"])
+    assert "trainer.num_nodes=2" in seen[0]
