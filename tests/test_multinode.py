@@ -190,3 +190,65 @@ def test_only_global_rank_zero_writes_hydras_directory(tmp_path, monkeypatch, ra
     subdirs = [a for a in seen[0] if a.startswith("hydra.output_subdir=")]
     assert subdirs == (["hydra.output_subdir=.cfg"] if rank == 0 else ["hydra.output_subdir=null"])
     assert "trainer.num_nodes=2" in seen[0]
+
+
+_RECORD_CELLS = """
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, {repo!r})
+from regvi import AmbientRegularizedSCVI
+from regvi.datasets import simulate
+from tests.test_ddp import _RecordCells
+
+out = Path(sys.argv[1])
+adata, _ = simulate(n_cells=200, n_genes=60, n_batches=2, seed=4, return_rho=False)
+projection = torch.randn(adata.n_vars, generator=torch.Generator().manual_seed(0)).double()
+AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+torch.manual_seed(0)
+model = AmbientRegularizedSCVI(adata, n_latent=3, n_hidden=16, dropout_rate=0.2)
+model.train(
+    max_epochs=2, batch_size=32, train_size=1.0, accelerator="cpu", devices=1, num_nodes=2,
+    strategy="ddp", minibatches_per_fetch=1, enable_progress_bar=False,
+    callbacks=[_RecordCells(out, projection)],
+)
+"""
+
+
+def test_two_host_ranks_train_on_disjoint_shares_of_the_cells(tmp_path, two_hosts):
+    """Each rank of a 2-host element sees its own share of the cells: two torchrun agents
+    started as run-element starts them (one blaunch call, rendezvous on the first host), a
+    world of 2 gloo processes training with strategy=ddp, num_nodes=2 (what an element's
+    ranks use), each recording the cells of its training steps (tests/test_ddp.py's
+    fingerprint callback)."""
+    import socket
+
+    from regvi.datasets import simulate
+
+    env, _ = two_hosts
+    script = tmp_path / "record_cells.py"
+    script.write_text(_RECORD_CELLS.format(repo=str(REPO)))
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    manifest = {"job_name": "cells", "sweep_dir": str(tmp_path)}
+    hosts = env["LSB_MCPU_HOSTS"].split()[0::2]
+    cmd = sweep.launch_command(manifest, {"index": 1}, hosts, "1", sweep.ArraySpec(nodes=2))
+    cmd = [a.replace(f":{sweep.rendezvous_port(1, 1)}", f":{port}") for a in cmd]
+    cmd = cmd[: cmd.index("regvi.cli.app") - 1] + [str(script), str(tmp_path)]
+    proc = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    adata, _ = simulate(n_cells=200, n_genes=60, n_batches=2, seed=4, return_rho=False)
+    projection = torch.randn(adata.n_vars, generator=torch.Generator().manual_seed(0)).double()
+    every_cell = (torch.as_tensor(adata.X.toarray()).double() @ projection).numpy()
+    assert np.unique(every_cell).size == adata.n_obs  # every cell told apart
+    for epoch in range(2):
+        shares = [np.load(tmp_path / f"rank{rank}_epoch{epoch}.npy") for rank in (0, 1)]
+        assert shares[0].size == shares[1].size == 100  # each cell once, in one rank
+        assert np.intersect1d(shares[0], shares[1]).size == 0  # disjoint
+        np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(every_cell))
