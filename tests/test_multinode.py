@@ -152,7 +152,7 @@ def test_two_node_element_sent_the_warning_signal_is_requeued_and_resumes(tmp_pa
     assert layout.results_path(run_dir) is None
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # complete and loadable
     assert 0 < state["global_step"] and state["epoch"] < epochs
-    assert "stopped by SIGUSR2" in _log(sweep_dir, 1)
+    assert "stopped by SIGUSR2" in (sweep_dir / "logs" / "1.err").read_text()
 
     # LSF requeues it (exit 99 is in -Q): the same element starts again and resumes
     element = _start_element(sweep_dir, 1, env, job_id=5001)
