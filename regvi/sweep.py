@@ -22,8 +22,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,7 @@ from regvi.run.layout import (
     JOB_SCRIPT,
     LOG_DIR,
     MANIFEST,
+    PREEMPTED_MARKER,
     RUN_CONFIG,
     STATUS_FILE,
     SUMMARY_CSV,
@@ -453,7 +456,7 @@ def run_element(
             if len(cmd[2].split()) < nodes:
                 raise SweepError(f"element {index} needs {nodes} hosts; LSF gave {cmd[2]!r}")
             print(f"starting torchrun on {nodes} hosts: {shlex.join(cmd)}", flush=True)
-            code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
+            code = _launch_ranks(cmd, env, run_dir, manifest.get("cwd") or None)
         elif train is None:
             cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
             code = subprocess.call(cmd, env=env, cwd=manifest.get("cwd") or None)
@@ -472,6 +475,37 @@ def run_element(
         state = "finished" if ok else "failed"
     write_status(run_dir, state, code, index=index, job_id=job_id)
     return code if code else (0 if ok else 1)
+
+
+def _launch_ranks(cmd: list[str], env: dict[str, str], run_dir: Path, cwd: str | None) -> int:
+    """Run the blaunch command of a multi-node element and wait; its exit code, or
+    :data:`REQUEUE_EXIT_CODE` when the ranks stopped on a pre-emption signal.
+
+    The ranks stop together and exit with the requeue code, but torchrun reports failed
+    workers with its own exit code: global rank 0 leaves :data:`PREEMPTED_MARKER` in the
+    run directory once the checkpoint is written (:func:`_run_rank`), and that is what
+    counts. While waiting, this process outlives the job's signals: SIGUSR2 is ignored (and
+    blaunch and the agents start ignoring it, until they install their own handlers) and
+    SIGTERM is noted and left to torchrun, which passes it on to the workers.
+    """
+    marker = run_dir / PREEMPTED_MARKER
+    marker.unlink(missing_ok=True)  # a previous attempt's
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _note_signal)
+    try:
+        code = subprocess.call(cmd, env=env, cwd=cwd)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if code != 0 and marker.exists():
+        return REQUEUE_EXIT_CODE
+    return code
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    print(f"got {signal.Signals(signum).name}: waiting for the ranks to stop", flush=True)
 
 
 def in_torchrun() -> bool:
@@ -500,10 +534,12 @@ def launch_command(
     job_id: str,
     spec: ArraySpec,
 ) -> list[str]:
-    """``blaunch -z "<hosts>" python -m torch.distributed.run ... -m regvi.cli.app sweep
+    """``blaunch -z "<hosts>" python -m regvi.run.torchrun ... -m regvi.cli.app sweep
     run-element <sweep> --index <i>``: one torchrun agent per host (one blaunch call for all),
     rendezvous (c10d) on the first host; each starts ``trainer.devices`` processes, each of
-    which runs the element as one rank of the multi-node run."""
+    which runs the element as one rank of the multi-node run. :mod:`regvi.run.torchrun` is
+    torchrun (``torch.distributed.run``) with SIGUSR2 passed on to the workers instead of
+    killing the agent."""
     python = spec.python or sys.executable
     index = int(element["index"])
     port = rendezvous_port(job_id, index) if str(job_id).isdigit() else "<port>"
@@ -513,7 +549,7 @@ def launch_command(
         " ".join(hosts),
         python,
         "-m",
-        "torch.distributed.run",
+        "regvi.run.torchrun",  # torchrun, passing LSF's warning signal on to its workers
         "--nnodes",
         str(len(hosts)),
         "--nproc_per_node",
@@ -542,12 +578,16 @@ def _run_rank(
 ) -> int:
     """One process of a multi-node element (started by torchrun): train as one rank of
     Lightning DDP (it reads the TorchElastic environment); the starting process records the
-    element's status, and global rank 0 writes the outputs."""
+    element's status, and global rank 0 writes the outputs (Hydra's ``.hydra/`` included) and,
+    when the ranks stopped on a pre-emption signal, :data:`PREEMPTED_MARKER`."""
     run_dir = Path(element["dir"])
+    rank = int(os.environ.get("RANK") or 0)  # global rank, set by torchrun
     if checkpoint_path(run_dir).exists() and (run_dir / RUN_CONFIG).exists():
         args = [f"resume={run_dir}"]
     else:
         fixed = ("trainer.strategy", "trainer.num_nodes")
+        if rank != 0:
+            fixed += ("hydra.output_subdir",)
         kept = [o for o in element["overrides"] if override_key(o) not in fixed]
         args = [
             *manifest.get("train_args", []),
@@ -556,6 +596,8 @@ def _run_rank(
             f"trainer.num_nodes={nodes}",
             f"hydra.run.dir=${{oc.env:{ENV_ELEMENT_DIR}}}",
         ]
+        if rank != 0:  # every rank shares the run dir: only rank 0 writes Hydra's .hydra/
+            args.append("hydra.output_subdir=null")
     os.environ.update(
         {
             ENV_ELEMENT_DIR: str(run_dir),
@@ -566,10 +608,15 @@ def _run_rank(
     )
     if train is None:
         cmd = [sys.executable, "-m", "regvi.cli.app", "train", *args]
-        return subprocess.call(cmd, cwd=manifest.get("cwd") or None)
-    if manifest.get("cwd"):
-        os.chdir(manifest["cwd"])
-    return train(args)
+        code = subprocess.call(cmd, cwd=manifest.get("cwd") or None)
+    else:
+        if manifest.get("cwd"):
+            os.chdir(manifest["cwd"])
+        code = train(args)
+    if code == REQUEUE_EXIT_CODE and rank == 0:
+        # stopped by a pre-emption signal, the checkpoint written: tell run_element
+        write_json_atomic({"exit_code": code, "time": time.time()}, run_dir / PREEMPTED_MARKER)
+    return code
 
 
 # ------------------------------------------------------------------------- reading a sweep

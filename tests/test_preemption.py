@@ -100,6 +100,30 @@ def test_signal_mid_epoch_checkpoints_and_resumes_to_the_same_result(tmp_path, m
         torch.testing.assert_close(resumed.module.state_dict()[name], value, msg=name)
 
 
+def test_signal_in_an_epochs_last_batch_stops_after_the_epoch(tmp_path):
+    """A checkpoint written after an epoch's last batch but before its end would resume past
+    the epoch without running its validation and history: the stop waits for the epoch end."""
+    from regvi.train.preemption import preemption_signals
+
+    cfg = compose_config(*MODEL_ARGS["rna"], *TINY)
+    reference = _train(cfg, tmp_path / "ref")
+    last_batch = -(-round(240 * 0.9) // 32) - 1  # 216 training cells, batches of 32
+
+    ckpt_dir = tmp_path / "stopped"
+    with preemption_signals(), pytest.raises(Preempted, match="SIGUSR2"):
+        _train(cfg, ckpt_dir, callbacks=[_SignalAt(1, last_batch, signal.SIGUSR2)])
+    state = torch.load(ckpt_dir / layout.LAST_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert MID_EPOCH_KEY not in state and state["epoch"] == 1  # written at epoch 1's end
+    history = next(v for k, v in state["callbacks"].items() if k.startswith("HistoryCallback"))
+    assert [r["epoch"] for r in history["records"]] == [0, 1]
+
+    resumed = _train(cfg, ckpt_dir, resume_from=ckpt_dir / layout.LAST_CHECKPOINT)
+    ref, res = reference.history, resumed.history
+    assert list(res["epoch"]) == list(ref["epoch"]) == [0, 1, 2]
+    for column in ("loss_train", "elbo_validation", "kl_weight"):
+        np.testing.assert_allclose(res[column], ref[column], rtol=1e-6, err_msg=column)
+
+
 def _element_sweep(tmp_path: Path, n: int) -> Path:
     """A sweep of ``n`` identical elements, prepared as the LSF launcher does (no bsub)."""
     sweep_dir = tmp_path / "sweep"

@@ -19,6 +19,7 @@ A run directory (``regvi train``) holds::
     wandb/, wandb_run_id, csv_logs/   tracking
     .hydra/                Hydra's copy of the composed config (CLI runs)
     .regvi_status          state of a sweep element (``regvi sweep status``)
+    .regvi_preempted       a multi-node element's ranks stopped on a pre-emption signal
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ HYDRA_CONFIG = "config.yaml"
 WANDB_ID_FILE = "wandb_run_id"
 CSV_LOG_DIR = "csv_logs"
 STATUS_FILE = ".regvi_status"
+#: Left by global rank 0 of a multi-node sweep element stopped by a pre-emption signal (its
+#: checkpoint written), for the element's launching process (torchrun's exit code does not
+#: say so).
+PREEMPTED_MARKER = ".regvi_preempted"
 
 # ----------------------------------------------------------------- files of a sweep directory
 MANIFEST = "manifest.json"

@@ -91,8 +91,9 @@ def preemption_signals() -> Iterator[None]:
 
 
 class PreemptionCallback(pl.Callback):
-    """After every training batch: if a pre-emption signal arrived (in any process), write the
-    checkpoint with ``save`` (collective under DDP) and raise :class:`Preempted`.
+    """After every training batch (after the epoch's end instead of its last batch): if a
+    pre-emption signal arrived (in any process), write the checkpoint with ``save``
+    (collective under DDP) and raise :class:`Preempted`.
 
     Installs the handlers for the duration of training (Lightning installs its own SIGTERM
     handler when fitting starts, and a spawned process starts with none) and restores the
@@ -110,6 +111,14 @@ class PreemptionCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # the epoch's last batch (the same on every rank): stop once the epoch has ended
+            # (validation, history), at an ordinary epoch-end checkpoint. One written here
+            # would resume past the epoch's end without running it.
+            return
+        self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(trainer)
 
     def _check(self, trainer: pl.Trainer) -> None:
