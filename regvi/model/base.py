@@ -197,7 +197,10 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             Stop when ``elbo_validation`` (a single-sample Monte-Carlo ELBO: eval mode, no
             dropout, every latent sampled) has not improved by
             ``early_stopping_min_delta_per_feature * n_features`` for
-            ``early_stopping_patience`` epochs.
+            ``early_stopping_patience`` epochs, counting only once the KL warm-up is over,
+            and keep the weights of the best such epoch
+            (:class:`~regvi.train.ElboEarlyStopping`). Off by default: on small data it
+            trades batch mixing for held-out likelihood (``docs/integration.md``).
         kl_warmup_fraction
             KL(z) weight rises linearly from 0 to 1 over this fraction of the planned
             optimiser steps (0 disables warm-up). The final weight is logged as ``kl_weight``.
