@@ -124,7 +124,7 @@ def test_two_node_element_sent_the_warning_signal_is_requeued_and_resumes(tmp_pa
     """As LSF does with `-wa USR2 -Q 99`: SIGUSR2 to all of the element's processes
     mid-training (run-element, blaunch, the torchrun agents) -> both ranks stop at the same
     step, rank 0 writes the checkpoint, the element exits 99 and is `requeued`; run again,
-    it resumes and ends as the uninterrupted element does."""
+    it resumes and gives the uninterrupted element's per-epoch losses (CPU)."""
     env, _ = two_hosts
     epochs = 12
     sweep_dir = _multinode_sweep(
@@ -168,13 +168,10 @@ def test_two_node_element_sent_the_warning_signal_is_requeued_and_resumes(tmp_pa
     res = pd.read_csv(run_dir / layout.HISTORY_CSV)
     assert list(res["epoch"]) == list(ref["epoch"]) == list(range(epochs))
     assert np.isfinite(res["loss_train"]).all()
-    stopped = state["epoch"]  # the epochs before the stop are those of the uninterrupted run
+    # every epoch, before and after the stop, is the uninterrupted run's: each rank resumed
+    # with its own RNG states (and, inside an epoch, its own loss sums so far)
     for column in ("loss_train", "elbo_validation", "kl_weight"):
-        np.testing.assert_allclose(res[column][:stopped], ref[column][:stopped], rtol=1e-6)
-    np.testing.assert_allclose(res["kl_weight"], ref["kl_weight"], rtol=1e-6)
-    # after the resume the 2 ranks' trajectory is not bit-identical to the uninterrupted
-    # one (unlike a single process's): the same run, not the same numbers
-    assert abs(res["loss_train"].iloc[-1] / ref["loss_train"].iloc[-1] - 1) < 0.1
+        np.testing.assert_allclose(res[column], ref[column], rtol=1e-6, err_msg=column)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

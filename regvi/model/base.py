@@ -222,8 +222,9 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             least ``checkpoint_min_interval_s`` seconds have passed since the last write, and
             after the last epoch.
         resume_from
-            A checkpoint to continue from. With the same data, arguments and seed the
-            continued run matches an uninterrupted one.
+            A checkpoint to continue from. With the same data, arguments, seed and number of
+            processes the continued run matches an uninterrupted one on the CPU (each
+            data-parallel process takes back its own RNG states).
         reuse_host_memory
             Deprecated, ignored: ``train()`` no longer changes the process's allocator. Wrap
             the call in :func:`regvi.train.host_memory.reuse_host_memory` instead (the

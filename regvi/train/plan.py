@@ -6,6 +6,7 @@ import atexit
 import functools
 import math
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,9 @@ from regvi.train.optim import make_adam
 
 #: Checkpoint key of the position inside an epoch (written by a pre-emption checkpoint).
 MID_EPOCH_KEY = "regvi_mid_epoch"
+#: Checkpoint key of the RNG states: one state (a dict) from a single process, or a list of
+#: states, one for each global rank in rank order, from a data-parallel run.
+RNG_STATES_KEY = "rng_states"
 
 
 class TrainingPlan(pl.LightningModule):
@@ -116,7 +120,8 @@ class TrainingPlan(pl.LightningModule):
     def _continue_epoch(self, position: dict[str, Any]) -> None:
         """Resuming from a checkpoint written inside an epoch (a pre-emption): the sampler
         skips the fetches already trained on (Lightning runs the epoch's remaining batches),
-        the epoch's loss sums continue, and the RNG states are put back now, after Lightning
+        the epoch's loss sums continue (each process's own, see :func:`_own_epoch_sums`), and
+        the RNG states are put back now (each process's own), after Lightning
         made the epoch's data-loader iterator (which draws from the global generator), so the
         next step draws what it would have drawn without the interruption."""
         sampler = getattr(self.trainer.train_dataloader, "sampler", None)
@@ -124,10 +129,11 @@ class TrainingPlan(pl.LightningModule):
             sampler.resume_within_epoch(int(position["epoch"]), int(position["fetches"]))
         self._fetches_done = int(position["fetches"])
         if position.get("names"):
+            sums, counts = _own_epoch_sums(position["sums"], position["counts"])
             self._names["train"] = list(position["names"])
-            self._sums["train"] = position["sums"].to(self.device)
-            self._counts["train"] = int(position["counts"])
-        _set_rng_states(position["rng_states"])
+            self._sums["train"] = sums.to(self.device)
+            self._counts["train"] = counts
+        restore_rng_states(position[RNG_STATES_KEY])
 
     @property
     def kl_weight(self) -> float:
@@ -321,25 +327,32 @@ class TrainingPlan(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every RNG state, so a resumed run draws the same minibatches and noise; inside
-        an epoch (a pre-emption checkpoint) also where the epoch stands."""
-        checkpoint["rng_states"] = _get_rng_states()
+        an epoch (a pre-emption checkpoint) also where the epoch stands. Under data-parallel
+        training every process's states are stored (see :func:`gather_rng_states`: saving is
+        collective, every rank calls it), since each process draws its own dropout and latent
+        noise."""
+        checkpoint[RNG_STATES_KEY] = gather_rng_states()
         trainer = self.trainer
+        # the same fetches on every rank, so every rank takes this branch (collective calls)
         if 0 < self._fetches_done < trainer.num_training_batches:
             sums = self._sums.get("train")
             checkpoint[MID_EPOCH_KEY] = {
                 "epoch": int(trainer.current_epoch),
                 "fetches": int(self._fetches_done),
                 "names": list(self._names.get("train", [])) if sums is not None else [],
-                "sums": sums.detach().cpu() if sums is not None else torch.zeros(0),
-                "counts": int(self._counts.get("train", 0)),
-                "rng_states": checkpoint["rng_states"],
+                # the epoch's sums so far: this process's, or every process's (in rank order)
+                "sums": _gather_per_rank(
+                    sums.detach().cpu() if sums is not None else torch.zeros(0)
+                ),
+                "counts": _gather_per_rank(int(self._counts.get("train", 0))),
+                RNG_STATES_KEY: checkpoint[RNG_STATES_KEY],
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_position = checkpoint.get(MID_EPOCH_KEY)
-        states = checkpoint.get("rng_states")
+        states = checkpoint.get(RNG_STATES_KEY)
         if states:
-            _set_rng_states(states)
+            restore_rng_states(states)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -358,6 +371,91 @@ def _get_rng_states() -> dict[str, Any]:
         "numpy": _numpy_state_to_tensors(np.random.get_state()),  # noqa: NPY002
         "python": random.getstate(),
     }
+
+
+def _process_group() -> tuple[int, int]:
+    """(global rank, world size) of torch.distributed, or (0, 1) outside a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_rng_states() -> dict[str, Any] | list[dict[str, Any]]:
+    """This process's RNG states (torch, CUDA, numpy, Python) or, in a process group of more
+    than one process, every process's, as a list in global-rank order.
+
+    Collective in a process group: every rank must call it (as every rank calls
+    ``Trainer.save_checkpoint``, which calls ``on_save_checkpoint``). The processes of a
+    data-parallel run start from the same seed but their streams part at the first step
+    (each draws noise for its own cells, and how much some samplers draw depends on the
+    values), so one process's states continue another's run with different noise."""
+    return _gather_per_rank(_get_rng_states())
+
+
+def _gather_per_rank(value: Any) -> Any:
+    """``value`` in a single process; in a process group of more than one, every rank's
+    ``value`` as a list in global-rank order (collective: every rank must call it)."""
+    _, world = _process_group()
+    if world == 1:
+        return value
+    values: list[Any] = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _own_epoch_sums(
+    sums: torch.Tensor | list[torch.Tensor], counts: int | list[int]
+) -> tuple[torch.Tensor, int]:
+    """This process's share of a mid-epoch checkpoint's loss sums and cell count. The epoch
+    means are summed over processes (:meth:`TrainingPlan.log_epoch_metrics`), so any split
+    that adds up to the checkpoint's totals gives the same means: each process takes its own
+    entry when the checkpoint holds one per current process; otherwise (one process's sums,
+    or another number of processes) rank 0 takes the total and the others start at zero."""
+    rank, world = _process_group()
+    if isinstance(sums, torch.Tensor):
+        sums, counts = [sums], [int(counts)]
+    if len(sums) == world:
+        return sums[rank], int(counts[rank])
+    if rank == 0:
+        return torch.stack(list(sums)).sum(0), int(sum(counts))
+    return torch.zeros_like(sums[0]), 0
+
+
+def restore_rng_states(states: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Put back RNG states written by :func:`gather_rng_states`.
+
+    * One state (a single-process checkpoint, or one written before per-rank states were
+      stored): every process takes it.
+    * One state per rank, as many as there are processes now: each process takes its own.
+    * One state per rank of a run with a different number of processes: the run cannot
+      repeat the interrupted one anyway (each process's share of the cells changes), so
+      rank 0 takes the first state and every other rank a seed drawn from it and its rank
+      (deterministic, and different on every rank), with a warning.
+    """
+    if isinstance(states, dict):
+        _set_rng_states(states)
+        return
+    rank, world = _process_group()
+    if len(states) == world:
+        _set_rng_states(states[rank])
+        return
+    warnings.warn(
+        f"the checkpoint holds the RNG states of {len(states)} processes and this run has "
+        f"{world}: process 0 continues with the first, the others are reseeded from it by "
+        "rank; the run will not repeat the interrupted one",
+        stacklevel=2,
+    )
+    _set_rng_states(states[0])
+    if rank > 0:
+        _reseed_all(int(torch.randint(2**62, (), dtype=torch.int64)), rank)
+
+
+def _reseed_all(base: int, rank: int) -> None:
+    """Seed every generator (torch, CUDA, numpy, Python) from ``(base, rank)``."""
+    seeds = np.random.SeedSequence((base, rank)).generate_state(4, np.uint32)
+    torch.manual_seed(int(seeds[0]) << 32 | int(seeds[1]))  # also seeds every CUDA device
+    np.random.seed(int(seeds[2]))  # noqa: NPY002
+    random.seed(int(seeds[3]))
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
