@@ -280,21 +280,29 @@ def test_map_query_surgery_keeps_reference_columns(tmp_path):
         AmbientRegularizedSCVI(ref, n_hidden=8).map_query(query)
 
 
+def _simulated(model: str, n_cells: int, n_genes: int, n_batches: int, seed: int):
+    """3 planted types in ``n_batches`` libraries: an AnnData (``"rna"``) or a MuData of RNA
+    and ATAC (30 peaks) with the cells' obs at the top level."""
+    if model == "rna":
+        return simulate(
+            n_cells=n_cells, n_genes=n_genes, n_cell_types=3, n_batches=n_batches, seed=seed
+        )[0]
+    import mudata
+
+    rna, atac, _ = simulate_multiome(
+        n_cells=n_cells, n_genes=30, n_peaks=30, n_cell_types=3, n_batches=n_batches, seed=seed
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        data = mudata.MuData({"rna": rna, "atac": atac})
+    data.obs = rna.obs.copy()
+    return data
+
+
 def _study_data(model: str):
     """4 libraries in 3 studies (batch_0, batch_1 in study_a; batch_2 in study_b; batch_3,
     left out of the reference, in the new study_c), for either model."""
-    if model == "rna":
-        data, _ = simulate(n_cells=400, n_genes=40, n_cell_types=3, n_batches=4, seed=3)
-    else:
-        import mudata
-
-        rna, atac, _ = simulate_multiome(
-            n_cells=400, n_genes=30, n_peaks=30, n_cell_types=3, n_batches=4, seed=3
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            data = mudata.MuData({"rna": rna, "atac": atac})
-        data.obs = rna.obs.copy()
+    data = _simulated(model, n_cells=400, n_genes=40, n_batches=4, seed=3)
     batch = data.obs["batch"].astype(str)
     study = batch.map({"batch_0": "study_a", "batch_1": "study_a", "batch_2": "study_b"})
     data.obs["study"] = study.fillna("study_c").to_numpy()
@@ -350,18 +358,7 @@ def test_map_query_from_a_new_study(model):
 def _reference_and_query(model: str, root: Path) -> tuple[Path, Path, Path]:
     """Files of 3 libraries (in kits a, b, b): the reference without batch_2, the query
     with batch_2, and two bad queries: a missing feature, no kit column."""
-    if model == "rna":
-        data, _ = simulate(n_cells=300, n_genes=30, n_cell_types=3, n_batches=3, seed=0)
-    else:
-        import mudata
-
-        rna, atac, _ = simulate_multiome(
-            n_cells=300, n_genes=30, n_peaks=30, n_cell_types=3, n_batches=3, seed=0
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            data = mudata.MuData({"rna": rna, "atac": atac})
-        data.obs = rna.obs.copy()
+    data = _simulated(model, n_cells=300, n_genes=30, n_batches=3, seed=0)
     data.obs["kit"] = np.where(data.obs["batch"] == "batch_0", "kit_a", "kit_b")
     suffix = RESULTS[model].rsplit(".", 1)[1]
 
