@@ -287,16 +287,11 @@ def _simulated(model: str, n_cells: int, n_genes: int, n_batches: int, seed: int
         return simulate(
             n_cells=n_cells, n_genes=n_genes, n_cell_types=3, n_batches=n_batches, seed=seed
         )[0]
-    import mudata
+    from .test_multimodal import make_mdata
 
-    rna, atac, _ = simulate_multiome(
-        n_cells=n_cells, n_genes=30, n_peaks=30, n_cell_types=3, n_batches=n_batches, seed=seed
+    return make_mdata(
+        n_cells=n_cells, seed=seed, n_genes=30, n_peaks=30, n_cell_types=3, n_batches=n_batches
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        data = mudata.MuData({"rna": rna, "atac": atac})
-    data.obs = rna.obs.copy()
-    return data
 
 
 def _study_data(model: str):

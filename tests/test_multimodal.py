@@ -26,10 +26,11 @@ from .conftest import shared_file
 SMALL = {"n_latent": {"rna": 4, "atac": 3}, "n_hidden": 32}
 
 
-def make_mdata(informative=("rna", "atac"), n_cells=300, seed=0):
-    rna, atac, _ = simulate_multiome(
-        n_cells=n_cells, n_genes=60, n_peaks=80, n_cell_types=4, informative=informative, seed=seed
-    )
+def make_mdata(informative=("rna", "atac"), n_cells=300, seed=0, **simulation):
+    """A MuData of simulated RNA + ATAC with the cells' obs at the top level; ``simulation``
+    overrides :func:`simulate_multiome`'s sizes (default 60 genes, 80 peaks, 4 types)."""
+    sizes = {"n_genes": 60, "n_peaks": 80, "n_cell_types": 4, **simulation}
+    rna, atac, _ = simulate_multiome(n_cells=n_cells, informative=informative, seed=seed, **sizes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         mdata = mudata.MuData({"rna": rna, "atac": atac})
