@@ -17,7 +17,11 @@ Both tools run at their defaults (``defaults``: scVI 128/10, regvi its defaults)
 matched high-capacity size (``512/128``: n_hidden 512, n_latent 128), with each tool's own
 default number of epochs (scvi-tools' heuristic, min(round(20000/N*400), 400), for both) unless
 ``--epochs`` is given. Results are printed as mean ± sd over seeds, with the ratios
-regvi / scVI, and cached as JSON under ``--cache`` so an interrupted study resumes.
+regvi / scVI. Every run's figures are kept as one JSON file under ``--cache`` (by default
+``benchmarks/results/integration/``, committed with the code: the runs behind
+``docs/integration.md``), keyed by the run's specification and :data:`REVISION`, so an
+interrupted study resumes and the tables print again without retraining; pass an empty
+``--cache`` directory to measure from scratch.
 
 Ablations: ``--variant name='{"model": {...}, "train": {...}, "setup": {...}}'`` adds a regvi
 configuration (model, train and setup_anndata keyword arguments over the defaults); see
@@ -59,6 +63,8 @@ DATASETS: dict[str, tuple[str, str | None]] = {
 
 SIZES = {"defaults": {}, "512/128": {"n_hidden": 512, "n_latent": 128}}
 HELD_OUT_FRACTION = 0.1
+#: The recorded runs (one JSON file each; see the module docstring).
+RESULTS = Path(__file__).resolve().parent / "results" / "integration"
 #: Part of every cached result's key: bump it when regvi's code changes what a run gives.
 REVISION = 3
 
@@ -198,7 +204,7 @@ def run_one(spec: dict, cache: Path) -> dict:
     path = cache / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    latent_path = cache / f"{key}.npy"
+    latent_path = cache / f"{key}.latent.npy"  # scored below, then removed
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec), str(latent_path)],
         capture_output=True,
@@ -209,6 +215,7 @@ def run_one(spec: dict, cache: Path) -> dict:
         raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(score(spec["data"], np.load(latent_path)))
+    latent_path.unlink()
     result["spec"] = spec
     path.write_text(json.dumps(result))
     return result
@@ -256,7 +263,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="name=JSON (regvi)")
     parser.add_argument("--scvi-variant", action="append", default=[], help="name=JSON")
     parser.add_argument("--no-defaults", action="store_true", help="only the --variant runs")
-    parser.add_argument("--cache", default="outputs/bench_integration")
+    parser.add_argument("--cache", default=str(RESULTS), help="directory of per-run JSON")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
