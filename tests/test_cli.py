@@ -14,6 +14,7 @@ import pytest
 import scanpy as sc
 
 from regvi.datasets import simulate
+from regvi.model.defaults import RNA_DEFAULTS
 
 from .conftest import MODEL_ARGS, RESULTS, read_results, shared_file
 
@@ -59,7 +60,7 @@ def test_default_run_with_no_arguments(tmp_path):
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     assert run_dir.is_dir() and tmp_path / "outputs" in run_dir.parents
     results = ad.read_h5ad(run_dir / "results.h5ad")
-    assert results.obsm["X_regvi"].shape == (3000, 10)
+    assert results.obsm["X_regvi"].shape == (3000, RNA_DEFAULTS["n_latent"])
     assert "regvi_normalized" in results.layers
     # the offline W&B run holds the figures (and the per-epoch metrics, in its .wandb file)
     logged = list((run_dir / "wandb").glob("offline-run-*/files/media/images/figures/*.png"))

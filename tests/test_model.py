@@ -285,16 +285,18 @@ def test_model_defaults_agree_with_the_config_schema_and_yaml():
     from omegaconf import OmegaConf
 
     from regvi.config import ModelConfig
-    from regvi.model.rna import DEFAULTS
+    from regvi.model.defaults import MULTIMODAL_FALLBACKS, RNA_DEFAULTS
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "model"
     schema = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    for name in ("rna.yaml", "multimodal.yaml"):
+    assert {k: schema[k] for k in RNA_DEFAULTS} == RNA_DEFAULTS
+    # multimodal.yaml's scalars are the fallbacks (its per-modality latent sizes come from
+    # MULTIMODAL_DEFAULTS); library_sensitivity is multimodal-only
+    for name, defaults in (("rna.yaml", RNA_DEFAULTS), ("multimodal.yaml", MULTIMODAL_FALLBACKS)):
         yaml = OmegaConf.to_container(OmegaConf.load(conf / name))
-        assert set(yaml) - {"name", "modalities"} == set(DEFAULTS), name
-        for key, value in DEFAULTS.items():
-            if not (name == "multimodal.yaml" and key == "n_latent"):
-                assert yaml[key] == value == schema[key], (name, key)
+        assert set(yaml) - {"name", "modalities"} == set(defaults) - {"library_sensitivity"}
+        for key in set(yaml) - {"name", "modalities"}:
+            assert yaml[key] == defaults[key], (name, key)
 
 
 def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models():

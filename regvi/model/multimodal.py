@@ -43,7 +43,7 @@ SETUP_KEY = "regvi_multimodal_setup"
 MODALITY_COVARIATE_ROLES = (*LIST_ROLES, *SINGLE_ROLES, "continuous_covariate_keys")
 
 #: Every option may be one value for all modalities or a dict {modality: value}; modalities
-#: missing from a dict get the single-modality default (e.g. n_latent 10).
+#: missing from a dict get the fallback (e.g. n_latent 10 for a modality other than rna).
 FALLBACKS = MULTIMODAL_FALLBACKS
 DEFAULTS = MULTIMODAL_DEFAULTS
 
@@ -75,7 +75,8 @@ class RegularizedMultimodalVI(BaseModel):
         ``use_feature_scaling``, ``regularise_dispersion``, ``residual_library_encoder``,
         priors...) plus ``library_sensitivity`` (library prior centre multiplier). Each is a
         single value for every modality or a dict ``{modality: value}``. Defaults:
-        n_latent 20 (rna) / 10 (others), n_hidden 128, ambient background on RNA only.
+        n_latent 20 (rna) / 10 (others), one hidden layer of 128 units, ambient background on
+        RNA only.
 
     Missing data: a cell whose counts in a modality sum to zero is "not measured" there; see
     :mod:`regvi.module.multimodal` (its terms are masked and its block is the prior).
