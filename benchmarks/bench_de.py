@@ -54,7 +54,9 @@ def run_regvi(adata, args) -> object:
     from regvi.model import AmbientRegularizedSCVI
 
     AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
-    model = AmbientRegularizedSCVI(adata, n_latent=args.latent, n_hidden=args.hidden)
+    model = AmbientRegularizedSCVI(
+        adata, n_latent=args.latent, n_hidden=args.hidden, n_layers=args.layers
+    )
     model.train(max_epochs=args.epochs, batch_size=128, enable_progress_bar=False)
     return model.differential_expression(
         groupby="cell_type", group1="type_A", group2="type_B", n_samples=args.samples
@@ -66,7 +68,7 @@ def run_scvi(adata, args) -> object:
 
     scvi.settings.seed = 0
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.SCVI(adata, n_latent=args.latent, n_hidden=args.hidden)
+    model = scvi.model.SCVI(adata, n_latent=args.latent, n_hidden=args.hidden, n_layers=args.layers)
     model.train(max_epochs=args.epochs, batch_size=128, enable_progress_bar=False)
     return model.differential_expression(
         groupby="cell_type",
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--latent", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=1, help="hidden layers (both tools)")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--seeds", default="0", help="comma-separated simulation seeds")
     parser.add_argument("--tools", default="regvi,scvi")
