@@ -75,14 +75,24 @@ def test_model_yaml_schema_and_python_defaults_agree():
     assert set(schema) == {"name", *RNA_DEFAULTS, "modalities"}
     for key, value in RNA_DEFAULTS.items():
         assert schema[key] == value, key
-    assert MULTIMODAL_FALLBACKS == {**RNA_DEFAULTS, "library_sensitivity": 1.0}
+    # the multimodal model's scalars are the RNA model's but for a 10-d block per modality
+    # and one hidden layer (regvi/model/defaults.py says why)
+    assert MULTIMODAL_FALLBACKS == {
+        **RNA_DEFAULTS,
+        "n_latent": 10,
+        "n_layers": 1,
+        "library_sensitivity": 1.0,
+    }
 
     rna = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "rna.yaml"))
     assert rna == {"name": "rna", **RNA_DEFAULTS}
 
     multimodal = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "multimodal.yaml"))
     per_modality = multimodal.pop("modalities")
-    assert multimodal == {"name": "multimodal", **RNA_DEFAULTS}
+    assert multimodal == {
+        "name": "multimodal",
+        **{k: MULTIMODAL_FALLBACKS[k] for k in RNA_DEFAULTS},
+    }
     # the per-modality defaults of the Python class are written in the YAML...
     for key, value in MULTIMODAL_DEFAULTS.items():
         if isinstance(value, dict):

@@ -278,27 +278,6 @@ def test_checkpoints_are_written_at_most_once_per_interval_and_at_the_end(
     assert state["epoch"] == 3 and state["global_step"] == model.trainer_.global_step
 
 
-def test_model_defaults_agree_with_the_config_schema_and_yaml():
-    import dataclasses
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from regvi.config import ModelConfig
-    from regvi.model.defaults import MULTIMODAL_FALLBACKS, RNA_DEFAULTS
-
-    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
-    schema = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    assert {k: schema[k] for k in RNA_DEFAULTS} == RNA_DEFAULTS
-    # multimodal.yaml's scalars are the fallbacks (its per-modality latent sizes come from
-    # MULTIMODAL_DEFAULTS); library_sensitivity is multimodal-only
-    for name, defaults in (("rna.yaml", RNA_DEFAULTS), ("multimodal.yaml", MULTIMODAL_FALLBACKS)):
-        yaml = OmegaConf.to_container(OmegaConf.load(conf / name))
-        assert set(yaml) - {"name", "modalities"} == set(defaults) - {"library_sensitivity"}
-        for key in set(yaml) - {"name", "modalities"}:
-            assert yaml[key] == defaults[key], (name, key)
-
-
 def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models():
 
     adata, _ = simulate(n_cells=60, n_genes=20, n_cell_types=2, n_batches=1, seed=0)
