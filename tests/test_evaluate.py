@@ -100,6 +100,10 @@ def test_predict_reproduces_training_latent(trained, tmp_path):
     got = ad.read_h5ad(out / "results.h5ad")
     np.testing.assert_allclose(got.obsm["X_regvi"], expected, rtol=1e-5, atol=1e-5)
     assert (out / "model" / "model.pt").exists()
+    before = (out / "results.h5ad").stat().st_mtime_ns
+    with pytest.raises(RegviError, match="already holds results.h5ad"):
+        predict(run, data, out_dir=out)
+    assert (out / "results.h5ad").stat().st_mtime_ns == before
 
 
 def test_predict_shuffled_genes_and_errors(trained, tmp_path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from regvi.errors import DataError, RegviError
+from regvi.errors import DataError
 from regvi.outputs import atomic_write
 from regvi.run import layout
-from regvi.run.predict import PREDICT_KEYS, load_run_model
+from regvi.run.predict import PREDICT_KEYS, command_output_dir, load_run_model
 
 log = logging.getLogger("regvi")
 
@@ -106,14 +105,7 @@ def map_query_run(
     results = layout.results_path(run_dir)
     if results is None:
         raise DataError(f"{run_dir} has no results file; is it a finished regvi train run?")
-    if out_dir is None:
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        out_dir = run_dir / layout.MAP_DIR / stamp
-    out_dir = Path(out_dir)
-    if (out_dir / adapter.results_file).exists():
-        raise RegviError(
-            f"{out_dir} already holds {adapter.results_file}; choose a new output directory"
-        )
+    out_dir = command_output_dir(run_dir, layout.MAP_DIR, out_dir, adapter.results_file)
     query = adapter.read_matched(model, cfg)
     arguments = {k: v for k, v in train_arguments(cfg).items() if k not in _NOT_MAPPING_ARGUMENTS}
     max_epochs = values.get("trainer.max_epochs")

@@ -60,6 +60,21 @@ def run_config(run_dir: Path, overrides: Mapping[str, Any] | None = None) -> Dic
     return validate_config(cfg)
 
 
+def command_output_dir(
+    run_dir: Path, subdir: str, out_dir: str | Path | None, results_file: str
+) -> Path:
+    """Where a command that reads new cells writes: ``out_dir``, or by default a new
+    ``<run_dir>/<subdir>/<timestamp>``. Raises :class:`~regvi.errors.RegviError` when it
+    already holds a results file, so that no earlier output is overwritten."""
+    if out_dir is None:
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        out_dir = run_dir / subdir / stamp
+    out_dir = Path(out_dir)
+    if (out_dir / results_file).exists():
+        raise RegviError(f"{out_dir} already holds {results_file}; choose a new output directory")
+    return out_dir
+
+
 def load_run_model(
     run_dir: Path, values: Mapping[str, Any], command: str
 ) -> tuple[DictConfig, ModelAdapter, Any]:
@@ -116,14 +131,7 @@ def predict(
     cfg, adapter, model = load_run_model(run_dir, values, "predict")
     data = adapter.new_data(model, cfg)
     labels_key = adapter.labels_key(model, data)
-    if out_dir is None:
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        out_dir = run_dir / layout.PREDICT_DIR / stamp
-    out_dir = Path(out_dir)
-    if (out_dir / adapter.results_file).exists():
-        raise RegviError(
-            f"{out_dir} already holds {adapter.results_file}; choose a new output directory"
-        )
+    out_dir = command_output_dir(run_dir, layout.PREDICT_DIR, out_dir, adapter.results_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     if model.history_ is None:  # the loss-curve figure needs a history table
         model.history_ = pd.DataFrame({"epoch": []})
