@@ -207,6 +207,8 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         raise ConfigError(
             f"trainer.max_epochs must be at least 1 (got {merged.trainer.max_epochs})"
         )
-    if not 0 <= merged.model.dropout_rate < 1:
-        raise ConfigError(f"model.dropout_rate must be in [0, 1) (got {merged.model.dropout_rate})")
+    for key in ("dropout_rate", "hidden_dropout_rate"):
+        value = merged.model[key]
+        if not 0 <= value < 1:
+            raise ConfigError(f"model.{key} must be in [0, 1) (got {value})")
     return merged

@@ -337,6 +337,11 @@ def test_train_evaluate_predict_for_every_model(tmp_path, model):
     out = Path(predicted.stdout.strip().splitlines()[-1])
     again = read_results(out / RESULTS[model])
     np.testing.assert_allclose(again.obsm["X_regvi"], latent, rtol=1e-4, atol=1e-5)
+    # a second predict into the same directory refuses, leaving the first results untouched
+    before = (out / RESULTS[model]).stat().st_mtime_ns
+    proc = run(["predict", str(run_dir), f"data.path={new_path}", "--out-dir", str(out)], tmp_path)
+    assert_one_line_error(proc, f"already holds {RESULTS[model]}", "new output directory")
+    assert (out / RESULTS[model]).stat().st_mtime_ns == before
 
     fewer = write_like(reordered(model, data, drop=3), tmp_path / f"fewer{data_path.suffix}")
     what = "genes" if model == "rna" else "'atac' features"  # modalities checked in order

@@ -128,3 +128,12 @@ def test_multimodal_run_builds_the_python_defaults():
                 default.get(m, MULTIMODAL_FALLBACKS[key]) if isinstance(default, dict) else default
             )
             assert got == want, (key, m)
+
+
+@pytest.mark.parametrize("key", ["dropout_rate", "hidden_dropout_rate"])
+def test_dropout_rates_outside_zero_one_are_refused(key):
+    from regvi.errors import ConfigError
+
+    cfg = OmegaConf.create(OmegaConf.to_container(composed(f"model.{key}=1.0")))
+    with pytest.raises(ConfigError, match=rf"model\.{key} must be in \[0, 1\) \(got 1.0\)"):
+        validate_config(cfg)

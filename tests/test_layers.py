@@ -57,6 +57,31 @@ def test_dropout_after_activation_keeps_the_input_whole():
     assert (before(x) == 0).float().mean() < 0.01
 
 
+def test_hidden_dropout_rate_drops_hidden_units_not_input_features():
+    """``dropout_rate`` is the dropout on the input features, ``hidden_dropout_rate`` on the
+    hidden units entering the second layer: measured as the fraction of inputs each dropout
+    zeroes (forward hooks on the dropout modules), over 200,000 draws each."""
+    torch.manual_seed(0)
+    layers = FCLayers(50, 400, n_layers=2, dropout_rate=0.1, hidden_dropout_rate=0.4)
+    zeroed: list[float] = []
+
+    def record(module, inputs, output):
+        kept = inputs[0] != 0
+        zeroed.append(((output == 0) & kept).sum().item() / kept.sum().item())
+
+    for dropout in layers.dropouts:
+        dropout.register_forward_hook(record)
+    layers.train()
+    layers(torch.rand(4000, 50) + 0.5)
+    assert zeroed[0] == pytest.approx(0.1, abs=0.005)
+    assert zeroed[1] == pytest.approx(0.4, abs=0.005)
+    # None: every layer's input gets dropout_rate (the behaviour before the option existed)
+    same = FCLayers(50, 400, n_layers=3, dropout_rate=0.2)
+    assert [d.p for d in same.dropouts] == [0.2, 0.2, 0.2]
+    none = FCLayers(50, 400, n_layers=2, dropout_rate=0.1, hidden_dropout_rate=0.0)
+    assert isinstance(none.dropouts[1], torch.nn.Identity)
+
+
 def test_batch_norm_layers_normalise_over_the_minibatch():
     torch.manual_seed(0)
     layers = FCLayers(5, 16, dropout_rate=0.0, norm="batch", activation="tanh")

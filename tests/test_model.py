@@ -125,11 +125,16 @@ def test_models_saved_in_the_earlier_weight_layout_still_load(trained, tmp_path)
     torch.save(old, path / "model.pt")
     meta = json.loads((path / "model.json").read_text())
     assert meta.pop("format") == 2
+    # saved before hidden_dropout_rate existed: its hidden layers had dropout_rate
+    del meta["init_params"]["hidden_dropout_rate"]
     (path / "model.json").write_text(json.dumps(meta))
     loaded = AmbientRegularizedSCVI.load(path, adata)
     np.testing.assert_allclose(
         loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
     )
+    assert loaded.init_params["hidden_dropout_rate"] == meta["init_params"]["dropout_rate"]
+    rates = [d.p for d in loaded.module.z_encoder.layers.dropouts]
+    assert rates == [meta["init_params"]["dropout_rate"]] * 2
     meta["format"] = 99
     (path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(RegviError, match="newer regvi"):

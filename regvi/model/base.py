@@ -23,6 +23,7 @@ from regvi.data.loader import (
     stratified_split,
 )
 from regvi.errors import DataError, RegviError
+from regvi.model.defaults import saved_options
 from regvi.model.mapping import QueryMappingMixin
 from regvi.model.posterior import DifferentialExpressionMixin, PosteriorMixin
 from regvi.outputs import atomic_write
@@ -469,7 +470,7 @@ class BaseModel(PosteriorMixin, DifferentialExpressionMixin, QueryMappingMixin):
             )
         model = cls.__new__(cls)
         BaseModel.__init__(model)
-        model.init_params = meta["init_params"]
+        model.init_params = saved_options(meta["init_params"])
         model.setup_ = meta["setup"]
         model.n_obs_training_ = meta.get("n_obs_training")
         model._restore(meta)

@@ -71,7 +71,7 @@ class RegularizedMultimodalVI(BaseModel):
         MuData registered with :meth:`setup_mudata`.
     **kwargs
         The options of :class:`~regvi.model.AmbientRegularizedSCVI` (``n_latent``,
-        ``n_hidden``, ``n_layers``, ``dropout_rate``, ``activation``, ``use_ambient``,
+        ``n_hidden``, ``n_layers``, ``dropout_rate``, ``hidden_dropout_rate``, ``activation``, ``use_ambient``,
         ``use_feature_scaling``, ``regularise_dispersion``, ``residual_library_encoder``,
         priors...) plus ``library_sensitivity`` (library prior centre multiplier). Each is a
         single value for every modality or a dict ``{modality: value}``. Defaults:
@@ -286,6 +286,7 @@ class RegularizedMultimodalVI(BaseModel):
                     "n_hidden",
                     "n_layers",
                     "dropout_rate",
+                    "hidden_dropout_rate",
                     "activation",
                     "ambient_init_gene_fraction",
                     "library_sensitivity",
@@ -311,6 +312,7 @@ class RegularizedMultimodalVI(BaseModel):
                 n_hidden=int(opt["n_hidden"]),
                 n_layers=int(opt["n_layers"]),
                 dropout_rate=float(opt["dropout_rate"]),
+                hidden_dropout_rate=float(opt["hidden_dropout_rate"]),
                 activation=opt["activation"],
                 n_continuous=len(cov.keys.continuous_covariate_keys),
                 n_encoder_categories=sum(cov.n_categories("encoder_covariate_keys")),

@@ -55,6 +55,7 @@ class ModalitySpec:
     n_hidden: int = 128
     n_layers: int = 1
     dropout_rate: float = 0.1
+    hidden_dropout_rate: float | None = None
     activation: str = "relu"
     n_continuous: int = 0
     n_encoder_categories: int = 0
@@ -106,6 +107,7 @@ class RegularizedMultimodalVAE(Stochastic):
                 spec.activation,
                 dropout_after_activation=spec.count_kwargs.get("dropout_after_activation", False),
                 norm=spec.count_kwargs.get("norm", "layer"),
+                hidden_dropout_rate=spec.hidden_dropout_rate,
             )
             self.modalities[name] = CountModality(
                 spec.n_features,

@@ -39,6 +39,7 @@ class RegularizedVAE(Stochastic):
         activation: str = "relu",
         n_continuous: int = 0,
         n_encoder_categories: int = 0,
+        hidden_dropout_rate: float | None = None,
         **modality_kwargs,
     ):
         super().__init__()
@@ -54,6 +55,7 @@ class RegularizedVAE(Stochastic):
             activation,
             dropout_after_activation=modality_kwargs.get("dropout_after_activation", False),
             norm=modality_kwargs.get("norm", "layer"),
+            hidden_dropout_rate=hidden_dropout_rate,
         )
         self.rna = CountModality(
             n_genes,

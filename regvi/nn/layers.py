@@ -236,7 +236,7 @@ class FCLayers(nn.Module):
     n_layers
         Number of blocks (at least 1).
     dropout_rate
-        Dropout probability applied to the input of each block.
+        Dropout probability on the input of the first block (the features).
     n_categories
         Total number of categories of the injected categorical covariates (0 for none).
     activation
@@ -246,6 +246,10 @@ class FCLayers(nn.Module):
         Dropout``, scvi-tools' order) instead of its input.
     norm
         ``"layer"`` or ``"batch"`` (see :func:`make_norm`).
+    hidden_dropout_rate
+        Dropout probability on the input of every further block (hidden units);
+        ``None``: ``dropout_rate``. With ``dropout_after_activation`` the first block's
+        output gets ``dropout_rate`` and the others' ``hidden_dropout_rate``.
     """
 
     def __init__(
@@ -258,14 +262,15 @@ class FCLayers(nn.Module):
         activation: str = "relu",
         dropout_after_activation: bool = False,
         norm: str = "layer",
+        hidden_dropout_rate: float | None = None,
     ):
         super().__init__()
         if n_layers < 1:
             raise ValueError("n_layers must be at least 1")
         self.dropout_after_activation = dropout_after_activation
-        self.dropouts = nn.ModuleList(
-            nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity() for _ in range(n_layers)
-        )
+        hidden = dropout_rate if hidden_dropout_rate is None else hidden_dropout_rate
+        rates = [dropout_rate] + [hidden] * (n_layers - 1)
+        self.dropouts = nn.ModuleList(nn.Dropout(r) if r > 0 else nn.Identity() for r in rates)
         self.linears = nn.ModuleList(
             [InputLinear(n_in, n_hidden)]
             + [Linear(n_hidden, n_hidden) for _ in range(n_layers - 1)]
