@@ -185,6 +185,35 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.latent_blocks == model.latent_blocks
 
 
+def test_two_layer_encoders_take_hidden_dropout_per_modality(tmp_path):
+    """With ``n_layers=2`` each modality's z encoder drops its input features at
+    ``dropout_rate`` and its hidden units at its own ``hidden_dropout_rate``; the rates survive
+    training, save and load."""
+    pl.seed_everything(0)
+    model = build(
+        make_mdata(n_cells=200),
+        n_layers=2,
+        dropout_rate=0.1,
+        hidden_dropout_rate={"rna": 0.4, "atac": 0.0},
+    )
+    model.train(max_epochs=2, batch_size=100, enable_progress_bar=False)
+
+    def rates(m: RegularizedMultimodalVI) -> dict[str, list[float]]:
+        return {
+            name: [getattr(d, "p", 0.0) for d in m.module.encoders[name].layers.dropouts]
+            for name in m.modality_names
+        }
+
+    assert rates(model) == {"atac": [0.1, 0.0], "rna": [0.1, 0.4]}
+    assert np.isfinite(model.get_latent_representation()).all()
+    model.save(tmp_path / "model")
+    loaded = RegularizedMultimodalVI.load(tmp_path / "model", mdata=model.mdata)
+    assert rates(loaded) == rates(model)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
+    )
+
+
 def test_real_multiome_trains_end_to_end_through_the_cli(tmp_path):
     path = shared_file("multiome_pbmc_muon_1000cells.h5mu")
     run_dir = tmp_path / "run"
