@@ -15,6 +15,9 @@ Usage::
 
     python benchmarks/bench_de.py                    # 2000 cells x 200 genes, 100 epochs
     python benchmarks/bench_de.py --cells 4000 --epochs 200 --seeds 0,1,2
+    # planted DE against regvi's hidden-unit dropout and encoder width (docs/integration.md)
+    python benchmarks/bench_de.py --tools regvi --epochs 200 --seeds 0,1,2,3,4,5 --layers 2 \
+        --samples 2000 --hidden 64 --hidden-dropout 0.3
 
 Needs ``pip install "regvi[bench]"`` (scvi-tools) for the comparison.
 """
@@ -54,8 +57,9 @@ def run_regvi(adata, args) -> object:
     from regvi.model import AmbientRegularizedSCVI
 
     AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+    options = {} if args.hidden_dropout is None else {"hidden_dropout_rate": args.hidden_dropout}
     model = AmbientRegularizedSCVI(
-        adata, n_latent=args.latent, n_hidden=args.hidden, n_layers=args.layers
+        adata, n_latent=args.latent, n_hidden=args.hidden, n_layers=args.layers, **options
     )
     model.train(max_epochs=args.epochs, batch_size=128, enable_progress_bar=False)
     return model.differential_expression(
@@ -93,17 +97,23 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--seeds", default="0", help="comma-separated simulation seeds")
     parser.add_argument("--tools", default="regvi,scvi")
+    parser.add_argument(
+        "--hidden-dropout", type=float, default=None, help="regvi's hidden_dropout_rate"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    import torch
+
     from regvi.datasets import simulate_de
 
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for tool in args.tools.split(","):
             adata, truth = simulate_de(n_cells=args.cells, n_genes=args.genes, seed=seed)
+            torch.manual_seed(seed)  # regvi's initialisation and minibatches; scVI seeds itself
             start = time.perf_counter()
             table = (run_regvi if tool == "regvi" else run_scvi)(adata, args)
             row = summarise(table, truth, "is_de_fdr_0.05")
