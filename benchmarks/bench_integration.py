@@ -75,9 +75,8 @@ HELD_OUT_FRACTION = 0.1
 #: The recorded runs (one JSON file each; see the module docstring).
 RESULTS = Path(__file__).resolve().parent / "results" / "integration"
 #: Part of every cached result's key: bump it when regvi's code changes what a run gives.
-REVISION = (
-    4  # 4: n_layers 2, n_latent 30 (stop 26; hidden_dropout_rate 0.1, stop 28, is the same model)
-)
+#: 4: n_layers 2, n_latent 30 (stop 26); hidden_dropout_rate 0.1 (stop 28) is the same model.
+REVISION = 4
 
 
 def load_data(name: str, all_genes: bool = False):

@@ -55,9 +55,10 @@ class AmbientRegularizedSCVI(BaseModel):
         has none.
     hidden_dropout_rate
         Dropout on the z encoder's hidden units, the input of its second and later layers
-        (default 0.1). 0.3 keeps the encoder from memorising batch-specific features of small
-        data sets (better mixing on two real pairs of batches) but cost fine-type structure on
-        a simulated atlas and the ranking of planted DE genes (``docs/integration.md``).
+        (default 0.1). 0.2-0.3 keep the encoder from memorising batch-specific features of
+        small data sets (better mixing on two real pairs of batches) but cost fine-type
+        structure on labelled sets, and with ``n_hidden`` below 128 they can erase planted DE
+        genes; keep 0.1 there (``docs/integration.md``).
     use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
         Additive ambient RNA per ambient category, and its optional Gamma prior.
     ambient_init_gene_fraction
