@@ -51,7 +51,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: The real data files; ``REGVI_BENCH_DATA`` names another folder holding them (a GPU node).
+SHARED = Path(
+    os.environ.get("REGVI_BENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 #: name -> (file or "atlas", labels key or None)
 DATASETS: dict[str, tuple[str, str | None]] = {
@@ -76,7 +79,8 @@ HELD_OUT_FRACTION = 0.1
 RESULTS = Path(__file__).resolve().parent / "results" / "integration"
 #: Part of every cached result's key: bump it when regvi's code changes what a run gives.
 #: 4: n_layers 2, n_latent 30 (stop 26); hidden_dropout_rate 0.1 (stop 28) is the same model.
-REVISION = 4
+#: 5: hidden dropout by width (stop 30): 0.3 at 512/128; the default size is revision 4's model.
+REVISION = 5
 
 
 def load_data(name: str, all_genes: bool = False):
@@ -183,7 +187,10 @@ def _worker(spec: dict, out: str) -> None:
     )
     seconds = time.perf_counter() - start
     np.save(out, np.asarray(latent, dtype=np.float32))
-    print(json.dumps({"heldout_nll": float(nll), "seconds": seconds, **extra}))
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {threads} threads"
+    )
+    print(json.dumps({"heldout_nll": float(nll), "seconds": seconds, "device": device, **extra}))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -227,15 +234,15 @@ def _cached_data(name: str, all_genes: bool = False):
     return _DATA_CACHE[key]
 
 
-def run_one(spec: dict, cache: Path) -> dict:
-    """Train (or read from the cache) one configuration and score its latent."""
+def _keyed(spec: dict) -> tuple[dict, str]:
+    """The spec as recorded (regvi's carries :data:`REVISION`) and its cache key."""
     if spec["tool"] == "regvi":
         spec = {**spec, "revision": REVISION}
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    latent_path = cache / f"{key}.latent.npy"  # scored below, then removed
+    return spec, hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _train(spec: dict, latent_path: Path) -> dict:
+    """Train one run in a worker process; its figures (the latent is left at latent_path)."""
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec), str(latent_path)],
         capture_output=True,
@@ -244,12 +251,74 @@ def run_one(spec: dict, cache: Path) -> dict:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(score(spec["data"], np.load(latent_path)))
-    latent_path.unlink()
-    result["spec"] = spec
-    path.write_text(json.dumps(result))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _record(spec: dict, key: str, result: dict, latent_path: Path, cache: Path) -> dict:
+    """Score a trained run's latent and keep its figures in the cache."""
+    result = {**result, **score(spec["data"], np.load(latent_path)), "spec": spec}
+    (cache / f"{key}.json").write_text(json.dumps(result))
     return result
+
+
+def run_one(spec: dict, cache: Path) -> dict:
+    """Train (or read from the cache) one configuration and score its latent."""
+    spec, key = _keyed(spec)
+    path = cache / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    latent_path = cache / f"{key}.latent.npy"  # scored below, then removed
+    result = _record(spec, key, _train(spec, latent_path), latent_path, cache)
+    latent_path.unlink()
+    return result
+
+
+# ------------------------------------------------- training elsewhere (e.g. a GPU node)
+def export_plan(specs: list[dict], cache: Path, plan: Path) -> int:
+    """Write the runs of ``specs`` not in the cache to ``plan`` (JSON); how many."""
+    todo = {}
+    for spec in specs:
+        spec, key = _keyed(spec)
+        if not (cache / f"{key}.json").exists():
+            todo[key] = spec
+    plan.write_text(json.dumps(todo, indent=1))
+    return len(todo)
+
+
+def run_plan(plan: Path, out: Path, parallel: int) -> None:
+    """Train a plan's runs, ``parallel`` workers at a time, into ``out``: per run its
+    figures (``KEY.json``, spec included) and latent (``KEY.latent.npy``), unscored, so that
+    the node that trains them needs neither the metrics nor scanpy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True, exist_ok=True)
+    todo = json.loads(plan.read_text())
+
+    def one(key: str) -> str:
+        try:
+            result = _train(todo[key], out / f"{key}.latent.npy")
+        except RuntimeError as error:
+            return f"{key} failed: {str(error)[-500:]}"
+        (out / f"{key}.json").write_text(json.dumps({**result, "spec": todo[key]}))
+        return f"{key} {todo[key]['tool']} {todo[key]['data']} seed {todo[key]['seed']}: {result['seconds']:.0f} s"
+
+    with ThreadPoolExecutor(parallel) as pool:
+        for line in pool.map(one, todo):
+            print(line, flush=True)
+
+
+def ingest(folder: Path, cache: Path) -> None:
+    """Score the runs that :func:`run_plan` trained and record them in the cache."""
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        spec = result.pop("spec")
+        spec, key = _keyed(spec)
+        latent_path = folder / f"{key}.latent.npy"
+        if key != path.stem or not latent_path.exists():
+            print(f"skipped {path.name}: no latent, or its spec is of another revision")
+            continue
+        _record(spec, key, result, latent_path, cache)
+        print(f"recorded {key} ({spec['tool']} {spec['data']} {spec['size']} seed {spec['seed']})")
 
 
 HEADLINE = [
@@ -295,13 +364,25 @@ def main() -> None:
     parser.add_argument("--scvi-variant", action="append", default=[], help="name=JSON")
     parser.add_argument("--no-defaults", action="store_true", help="only the --variant runs")
     parser.add_argument("--cache", default=str(RESULTS), help="directory of per-run JSON")
+    parser.add_argument("--export-plan", help="write the runs not in the cache to this JSON")
+    parser.add_argument(
+        "--run-plan", nargs=2, metavar=("PLAN", "DIR"), help="train a plan's runs into DIR"
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="workers at a time (--run-plan)")
+    parser.add_argument("--ingest", help="score and record the runs of a --run-plan DIR")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(json.loads(args.worker[0]), args.worker[1])
         return
+    if args.run_plan:
+        run_plan(Path(args.run_plan[0]), Path(args.run_plan[1]), args.parallel)
+        return
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if args.ingest:
+        ingest(Path(args.ingest), cache)
+        return
     configs: list[tuple[str, str, dict]] = []
     for tool in args.tools.split(","):
         if not args.no_defaults:
@@ -311,25 +392,34 @@ def main() -> None:
             name, _, body = item.partition("=")
             configs.append((tool, name, json.loads(body)))
     seeds = [int(s) for s in args.seeds.split(",")]
+
+    def spec(tool: str, data: str, size: str, variant: dict, seed: int) -> dict:
+        return {
+            "tool": tool,
+            "data": data,
+            "size": size,
+            "variant": variant,
+            "seed": seed,
+            "epochs": args.epochs,
+        }
+
+    if args.export_plan:
+        specs = [
+            spec(tool, data, size, variant, seed)
+            for data in args.data.split(",")
+            for size in args.sizes.split(",")
+            for tool, _, variant in configs
+            for seed in seeds
+        ]
+        n = export_plan(specs, cache, Path(args.export_plan))
+        print(f"{n} runs not in {cache} written to {args.export_plan}")
+        return
     for data in args.data.split(","):
         for size in args.sizes.split(","):
             print(f"\n== {data}, size {size}, seeds {seeds} ==", flush=True)
             reference = None
             for tool, name, variant in configs:
-                runs = [
-                    run_one(
-                        {
-                            "tool": tool,
-                            "data": data,
-                            "size": size,
-                            "variant": variant,
-                            "seed": seed,
-                            "epochs": args.epochs,
-                        },
-                        cache,
-                    )
-                    for seed in seeds
-                ]
+                runs = [run_one(spec(tool, data, size, variant, seed), cache) for seed in seeds]
                 summary = summarise(runs)
                 if tool == "scvi" and name == "default":
                     reference = summary
