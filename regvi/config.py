@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -70,7 +70,9 @@ def _model_fields() -> list[tuple[str, Any, Any]]:
     and default, then ``modalities``."""
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default="rna"))]
     for key, value in RNA_DEFAULTS.items():
-        fields.append((key, type(value), field(default=value)))
+        # the one option whose default is None (hidden_dropout_rate: chosen by width)
+        kind = Optional[float] if value is None else type(value)  # noqa: UP045 (OmegaConf)
+        fields.append((key, kind, field(default=value)))
     # Multimodal only: {modality: {option: value}} overriding the options above (n_latent,
     # use_ambient, ...) and the covariate roles (ambient_covariate_keys, ...) per modality.
     fields.append(("modalities", Any, field(default=None)))
@@ -209,6 +211,6 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         )
     for key in ("dropout_rate", "hidden_dropout_rate"):
         value = merged.model[key]
-        if not 0 <= value < 1:
+        if value is not None and not 0 <= value < 1:
             raise ConfigError(f"model.{key} must be in [0, 1) (got {value})")
     return merged

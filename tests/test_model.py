@@ -297,6 +297,37 @@ def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models(
     assert model.module.modalities["rna"].dispersion.jacobian is True
 
 
+def test_hidden_dropout_follows_the_layer_width_unless_given(tmp_path):
+    """By default the z encoder's hidden-unit dropout grows with the layer width (0.1 up to
+    128 units, 0.2 at 256, 0.3 from 512) in both models, its input dropout stays
+    ``dropout_rate``; a given rate is kept, and a saved model rebuilds with its rates."""
+    from regvi.model.defaults import hidden_dropout_for
+
+    from .test_multimodal import build, make_mdata
+
+    widths = (1, 64, 128, 256, 512, 4096)
+    assert [hidden_dropout_for(n) for n in widths] == pytest.approx([0.1, 0.1, 0.1, 0.2, 0.3, 0.3])
+
+    def rates(encoder) -> list[float]:
+        return [getattr(d, "p", 0.0) for d in encoder.layers.dropouts]
+
+    adata, _ = simulate(n_cells=60, n_genes=20, n_cell_types=2, n_batches=1, seed=0)
+    AmbientRegularizedSCVI.setup_anndata(adata)
+    for n_hidden, expected in ((64, 0.1), (256, 0.2), (512, 0.3)):
+        model = AmbientRegularizedSCVI(adata, n_hidden=n_hidden)
+        assert rates(model.module.z_encoder) == pytest.approx([0.1, expected])
+    given = AmbientRegularizedSCVI(adata, n_hidden=512, hidden_dropout_rate=0.05)
+    assert rates(given.module.z_encoder) == pytest.approx([0.1, 0.05])
+    model.train(max_epochs=1, batch_size=30, enable_progress_bar=False)
+    loaded = AmbientRegularizedSCVI.load(model.save(tmp_path / "rna"), adata)
+    assert rates(loaded.module.z_encoder) == pytest.approx([0.1, 0.3])
+
+    multimodal = build(make_mdata(n_cells=60), n_layers=2, n_hidden={"rna": 512, "atac": 64})
+    encoders = multimodal.module.encoders
+    assert rates(encoders["rna"]) == pytest.approx([0.1, 0.3])
+    assert rates(encoders["atac"]) == pytest.approx([0.1, 0.1])
+
+
 def test_kl_warmup_length_comes_from_the_built_trainer():
     """A Trainer that takes fewer steps than the data suggest (here: half of each epoch's
     batches) still ends its warm-up at weight 1: the length is counted from the Trainer."""

@@ -27,7 +27,11 @@ from regvi.data.mudata_io import (
 )
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
-from regvi.model.defaults import MULTIMODAL_DEFAULTS, MULTIMODAL_FALLBACKS
+from regvi.model.defaults import (
+    MULTIMODAL_DEFAULTS,
+    MULTIMODAL_FALLBACKS,
+    resolve_hidden_dropout,
+)
 from regvi.model.mapping import MappingPart
 from regvi.model.posterior import ModalityDecode
 from regvi.module.components import LibraryPrior
@@ -312,7 +316,9 @@ class RegularizedMultimodalVI(BaseModel):
                 n_hidden=int(opt["n_hidden"]),
                 n_layers=int(opt["n_layers"]),
                 dropout_rate=float(opt["dropout_rate"]),
-                hidden_dropout_rate=float(opt["hidden_dropout_rate"]),
+                hidden_dropout_rate=resolve_hidden_dropout(
+                    opt["hidden_dropout_rate"], int(opt["n_hidden"])
+                ),
                 activation=opt["activation"],
                 n_continuous=len(cov.keys.continuous_covariate_keys),
                 n_encoder_categories=sum(cov.n_categories("encoder_covariate_keys")),

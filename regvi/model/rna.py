@@ -18,7 +18,7 @@ from regvi.data.io import count_matrix
 from regvi.data.loader import CsrMinibatchDataset
 from regvi.errors import ConfigError, DataError, RegviError
 from regvi.model.base import BaseModel
-from regvi.model.defaults import RNA_DEFAULTS
+from regvi.model.defaults import RNA_DEFAULTS, resolve_hidden_dropout
 from regvi.model.mapping import MappingPart
 from regvi.model.posterior import ModalityDecode
 from regvi.module.components import LibraryPrior
@@ -54,11 +54,12 @@ class AmbientRegularizedSCVI(BaseModel):
         ``dropout_rate`` (0.1) is the dropout on the encoders' input features; the decoder
         has none.
     hidden_dropout_rate
-        Dropout on the z encoder's hidden units, the input of its second and later layers
-        (default 0.1). 0.2-0.3 keep the encoder from memorising batch-specific features of
-        small data sets (better mixing on two real pairs of batches) but cost fine-type
-        structure on labelled sets, and with ``n_hidden`` below 128 they can erase planted DE
-        genes; keep 0.1 there (``docs/integration.md``).
+        Dropout on the z encoder's hidden units, the input of its second and later layers.
+        Default ``None``: by the layer width (:func:`~regvi.model.defaults.hidden_dropout_for`:
+        0.1 up to 128 units, 0.2 at 256, 0.3 from 512). At 128 units 0.2-0.3 mixed two real
+        pairs of batches better but cost fine-type structure on the labelled sets, and below
+        128 units they can erase planted DE genes; at 512 units 0.3 fitted held-out cells
+        better on every benchmark set (``docs/integration.md``).
     use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
         Additive ambient RNA per ambient category, and its optional Gamma prior.
     ambient_init_gene_fraction
@@ -192,7 +193,7 @@ class AmbientRegularizedSCVI(BaseModel):
             n_hidden=p["n_hidden"],
             n_layers=p["n_layers"],
             dropout_rate=p["dropout_rate"],
-            hidden_dropout_rate=p["hidden_dropout_rate"],
+            hidden_dropout_rate=resolve_hidden_dropout(p["hidden_dropout_rate"], p["n_hidden"]),
             activation=p["activation"],
             n_continuous=len(cov.keys.continuous_covariate_keys),
             n_encoder_categories=sum(cov.n_categories("encoder_covariate_keys")),
