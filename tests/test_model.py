@@ -297,35 +297,47 @@ def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models(
     assert model.module.modalities["rna"].dispersion.jacobian is True
 
 
-def test_hidden_dropout_follows_the_layer_width_unless_given(tmp_path):
-    """By default the z encoder's hidden-unit dropout grows with the layer width (0.1 up to
-    128 units, 0.2 at 256, 0.3 from 512) in both models, its input dropout stays
-    ``dropout_rate``; a given rate is kept, and a saved model rebuilds with its rates."""
+def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
+    """By default the z encoder's hidden-unit dropout is chosen when the model is built: 0.1
+    while (n_hidden / 128) x genes per cell is at most 1, 0.3 from 4 on, log-linear between,
+    in both models and per modality; its input dropout stays ``dropout_rate``. A given rate
+    is kept, and a saved model rebuilds with the rate it was trained with."""
     from regvi.model.defaults import hidden_dropout_for
 
     from .test_multimodal import build, make_mdata
 
-    widths = (1, 64, 128, 256, 512, 4096)
-    assert [hidden_dropout_for(n) for n in widths] == pytest.approx([0.1, 0.1, 0.1, 0.2, 0.3, 0.3])
+    ratios = {(128, 100, 200): 0.1, (128, 200, 200): 0.1, (128, 400, 200): 0.2}
+    ratios |= {(128, 800, 200): 0.3, (128, 9000, 200): 0.3, (512, 100, 200): 0.2}
+    ratios |= {(64, 200, 2000): 0.1, (32, 400, 100): 0.1}
+    for (n_hidden, n_genes, n_cells), expected in ratios.items():
+        assert hidden_dropout_for(n_hidden, n_genes, n_cells) == pytest.approx(expected)
 
     def rates(encoder) -> list[float]:
         return [getattr(d, "p", 0.0) for d in encoder.layers.dropouts]
 
-    adata, _ = simulate(n_cells=60, n_genes=20, n_cell_types=2, n_batches=1, seed=0)
+    adata, _ = simulate(n_cells=60, n_genes=30, n_cell_types=2, n_batches=1, seed=0)
     AmbientRegularizedSCVI.setup_anndata(adata)
-    for n_hidden, expected in ((64, 0.1), (256, 0.2), (512, 0.3)):
+    # 30 genes on 60 cells: 0.5 genes per cell
+    for n_hidden, expected in ((64, 0.1), (256, 0.1), (512, 0.2), (1024, 0.3)):
         model = AmbientRegularizedSCVI(adata, n_hidden=n_hidden)
         assert rates(model.module.z_encoder) == pytest.approx([0.1, expected])
-    given = AmbientRegularizedSCVI(adata, n_hidden=512, hidden_dropout_rate=0.05)
+        assert model.init_params["hidden_dropout_rate"] == pytest.approx(expected)
+    given = AmbientRegularizedSCVI(adata, n_hidden=1024, hidden_dropout_rate=0.05)
     assert rates(given.module.z_encoder) == pytest.approx([0.1, 0.05])
     model.train(max_epochs=1, batch_size=30, enable_progress_bar=False)
-    loaded = AmbientRegularizedSCVI.load(model.save(tmp_path / "rna"), adata)
+    # the rate was chosen for the training data, not for the data the model is loaded with
+    # (on 4x the cells it would be 0.1)
+    more = ad.concat([adata] * 4, index_unique="-", uns_merge="first")
+    loaded = AmbientRegularizedSCVI.load(model.save(tmp_path / "rna"), more)
     assert rates(loaded.module.z_encoder) == pytest.approx([0.1, 0.3])
 
-    multimodal = build(make_mdata(n_cells=60), n_layers=2, n_hidden={"rna": 512, "atac": 64})
-    encoders = multimodal.module.encoders
-    assert rates(encoders["rna"]) == pytest.approx([0.1, 0.3])
-    assert rates(encoders["atac"]) == pytest.approx([0.1, 0.1])
+    mdata = make_mdata(n_cells=60)
+    n_features = {m: mdata.mod[m].n_vars for m in ("rna", "atac")}
+    multimodal = build(mdata, n_layers=2, n_hidden={"rna": 512, "atac": 64})
+    for m, n_hidden in (("rna", 512), ("atac", 64)):
+        expected = hidden_dropout_for(n_hidden, n_features[m], 60)
+        assert rates(multimodal.module.encoders[m]) == pytest.approx([0.1, expected])
+    assert multimodal.init_params["hidden_dropout_rate"]["rna"] > 0.1  # many features a cell
 
 
 def test_kl_warmup_length_comes_from_the_built_trainer():

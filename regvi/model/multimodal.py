@@ -119,6 +119,15 @@ class RegularizedMultimodalVI(BaseModel):
             m: list(map(str, mdata.mod[m].var_names)) for m in self.modality_names
         }
         self._data_cache = self._prepare(mdata)
+        self.init_params["hidden_dropout_rate"] = {
+            m: resolve_hidden_dropout(
+                self.option("hidden_dropout_rate", m),
+                int(self.option("n_hidden", m)),
+                len(self.feature_names[m]),
+                len(cells),
+            )
+            for m in self.modality_names
+        }
         self.module = self._build_module(self._data_driven_init(*self._data_cache[:2]))
 
     # ---------------------------------------------------------------- set-up
@@ -316,9 +325,7 @@ class RegularizedMultimodalVI(BaseModel):
                 n_hidden=int(opt["n_hidden"]),
                 n_layers=int(opt["n_layers"]),
                 dropout_rate=float(opt["dropout_rate"]),
-                hidden_dropout_rate=resolve_hidden_dropout(
-                    opt["hidden_dropout_rate"], int(opt["n_hidden"])
-                ),
+                hidden_dropout_rate=float(opt["hidden_dropout_rate"]),
                 activation=opt["activation"],
                 n_continuous=len(cov.keys.continuous_covariate_keys),
                 n_encoder_categories=sum(cov.n_categories("encoder_covariate_keys")),

@@ -55,11 +55,13 @@ class AmbientRegularizedSCVI(BaseModel):
         has none.
     hidden_dropout_rate
         Dropout on the z encoder's hidden units, the input of its second and later layers.
-        Default ``None``: by the layer width (:func:`~regvi.model.defaults.hidden_dropout_for`:
-        0.1 up to 128 units, 0.2 at 256, 0.3 from 512). At 128 units 0.2-0.3 mixed two real
-        pairs of batches better but cost fine-type structure on the labelled sets, and below
-        128 units they can erase planted DE genes; at 512 units 0.3 fitted held-out cells
-        better on every benchmark set (``docs/integration.md``).
+        Default ``None``: chosen from the data when the model is built and kept in
+        ``init_params`` as that number (:func:`~regvi.model.defaults.hidden_dropout_for`):
+        with 128 hidden units 0.1 while there are no more genes than cells, rising to 0.3 at
+        four genes per cell, and each doubling of ``n_hidden`` counts as a doubling of the
+        genes. Many input weights per cell let the encoder memorise batch-specific genes;
+        0.3 then mixed better with a better held-out likelihood, while on sets with fewer
+        genes than cells it cost fine-type structure (``docs/integration.md``).
     use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
         Additive ambient RNA per ambient category, and its optional Gamma prior.
     ambient_init_gene_fraction
@@ -109,6 +111,9 @@ class AmbientRegularizedSCVI(BaseModel):
         codes = self.covariates.transform(adata.obs)
         self.gene_names = list(map(str, adata.var_names))
         self._data_cache = (X, codes)
+        self.init_params["hidden_dropout_rate"] = resolve_hidden_dropout(
+            self.init_params["hidden_dropout_rate"], self.init_params["n_hidden"], *X.shape[::-1]
+        )
 
         totals = cell_totals(X)
         n_lib = self.covariates.n_groups("library_size_key")
@@ -193,7 +198,7 @@ class AmbientRegularizedSCVI(BaseModel):
             n_hidden=p["n_hidden"],
             n_layers=p["n_layers"],
             dropout_rate=p["dropout_rate"],
-            hidden_dropout_rate=resolve_hidden_dropout(p["hidden_dropout_rate"], p["n_hidden"]),
+            hidden_dropout_rate=p["hidden_dropout_rate"],
             activation=p["activation"],
             n_continuous=len(cov.keys.continuous_covariate_keys),
             n_encoder_categories=sum(cov.n_categories("encoder_covariate_keys")),
