@@ -70,7 +70,7 @@ def _model_fields() -> list[tuple[str, Any, Any]]:
     and default, then ``modalities``."""
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default="rna"))]
     for key, value in RNA_DEFAULTS.items():
-        # the one option whose default is None (hidden_dropout_rate: chosen by width)
+        # the one option whose default is None (hidden_dropout_rate: chosen from the data)
         kind = Optional[float] if value is None else type(value)  # noqa: UP045 (OmegaConf)
         fields.append((key, kind, field(default=value)))
     # Multimodal only: {modality: {option: value}} overriding the options above (n_latent,
