@@ -309,7 +309,7 @@ def run_plan(plan: Path, out: Path, parallel: int) -> None:
     """Train a plan's runs, ``parallel`` workers at a time, into ``out``: per run its
     figures (``KEY.json``, spec included) and latent (``KEY.latent.npy``), unscored, so that
     the node that trains them needs neither the metrics nor scanpy."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     out.mkdir(parents=True, exist_ok=True)
     todo = json.loads(plan.read_text())
@@ -322,9 +322,9 @@ def run_plan(plan: Path, out: Path, parallel: int) -> None:
         (out / f"{key}.json").write_text(json.dumps({**result, "spec": todo[key]}))
         return f"{key} {todo[key]['tool']} {todo[key]['data']} seed {todo[key]['seed']}: {result['seconds']:.0f} s"
 
-    with ThreadPoolExecutor(parallel) as pool:
-        for line in pool.map(one, todo):
-            print(line, flush=True)
+    with ThreadPoolExecutor(parallel) as pool:  # each run reported as it ends
+        for done in as_completed([pool.submit(one, key) for key in todo]):
+            print(done.result(), flush=True)
 
 
 def ingest(folder: Path, cache: Path) -> None:

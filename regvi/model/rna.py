@@ -111,8 +111,9 @@ class AmbientRegularizedSCVI(BaseModel):
         codes = self.covariates.transform(adata.obs)
         self.gene_names = list(map(str, adata.var_names))
         self._data_cache = (X, codes)
+        n_cells, n_genes = X.shape
         self.init_params["hidden_dropout_rate"] = resolve_hidden_dropout(
-            self.init_params["hidden_dropout_rate"], self.init_params["n_hidden"], *X.shape[::-1]
+            self.init_params["hidden_dropout_rate"], self.init_params["n_hidden"], n_genes, n_cells
         )
 
         totals = cell_totals(X)
