@@ -299,7 +299,8 @@ def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models(
 
 def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     """By default the z encoder's hidden-unit dropout is chosen when the model is built: 0.1
-    while (n_hidden / 128) x genes per cell is at most 1, 0.3 from 4 on, log-linear between,
+    while (n_hidden / 128) x genes per cell is at most 1, 0.3 at 4, 0.5 from 16 on,
+    log-linear between,
     in both models and per modality; its input dropout stays ``dropout_rate``. A given rate
     is kept, and a saved model rebuilds with the rate it was trained with."""
     from regvi.model.defaults import hidden_dropout_for
@@ -307,7 +308,8 @@ def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     from .test_multimodal import build, make_mdata
 
     ratios = {(128, 100, 200): 0.1, (128, 200, 200): 0.1, (128, 400, 200): 0.2}
-    ratios |= {(128, 800, 200): 0.3, (128, 9000, 200): 0.3, (512, 100, 200): 0.2}
+    ratios |= {(128, 800, 200): 0.3, (128, 1600, 200): 0.4, (128, 3200, 200): 0.5}
+    ratios |= {(128, 9000, 200): 0.5, (512, 100, 200): 0.2, (512, 800, 200): 0.5}
     ratios |= {(64, 200, 2000): 0.1, (32, 400, 100): 0.1}
     for (n_hidden, n_genes, n_cells), expected in ratios.items():
         assert hidden_dropout_for(n_hidden, n_genes, n_cells) == pytest.approx(expected)
