@@ -311,13 +311,17 @@ def export_plan(specs: list[dict], cache: Path, plan: Path) -> int:
 def run_plan(plan: Path, out: Path, parallel: int) -> None:
     """Train a plan's runs, ``parallel`` workers at a time, into ``out``: per run its
     figures (``KEY.json``, spec included) and latent (``KEY.latent.npy``), unscored, so that
-    the node that trains them needs neither the metrics nor scanpy."""
+    the node that trains them needs neither the metrics nor scanpy. A run whose
+    ``KEY.json`` is in ``out`` when its turn comes is skipped, so the same command continues
+    an interrupted plan (and a second process may work through the plan in reverse order)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     out.mkdir(parents=True, exist_ok=True)
     todo = json.loads(plan.read_text())
 
     def one(key: str) -> str:
+        if (out / f"{key}.json").exists():
+            return f"{key} already in {out}"
         try:
             result = _train(todo[key], out / f"{key}.latent.npy")
         except RuntimeError as error:
