@@ -300,9 +300,9 @@ def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models(
 def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     """By default the z encoder's hidden-unit dropout is chosen when the model is built: 0.1
     while (n_hidden / 128) x genes per cell is at most 1, 0.3 at 4, 0.5 from 16 on,
-    log-linear between,
-    in both models and per modality; its input dropout stays ``dropout_rate``. A given rate
-    is kept, and a saved model rebuilds with the rate it was trained with."""
+    log-linear between, in both models and per modality; its input dropout stays
+    ``dropout_rate``. A given rate is kept, and a saved model rebuilds with the rate it was
+    trained with."""
     from regvi.model.defaults import hidden_dropout_for
 
     from .test_multimodal import build, make_mdata

@@ -101,7 +101,7 @@ def hidden_dropout_for(n_hidden: int, n_features: int, n_cells: int) -> float:
     7,200-cell atlas at 512 units: 1.1); at r = 0.05 (a planted-DE simulation with a 64-unit
     encoder) 0.3 erased planted DE genes. On a labelled simulation at r = 5.6 (2,000 cells,
     10,000 genes), 0.3 kept the biology and the total within the seeds' spread, with better
-    mixing and held-out likelihood. Where r is 18-27 (the two small many-gene sets at 512
+    mixing and held-out likelihood. Where r is 20-30 (the two small many-gene sets at 512
     units), 0.5 gave better mixing, marker correlation and held-out likelihood than 0.3; the
     cap is 0.5, the highest rate measured. ``n_cells`` is every cell the model is given,
     validation cells included.
