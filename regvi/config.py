@@ -69,9 +69,11 @@ def _model_fields() -> list[tuple[str, Any, Any]]:
     """``name``, then every option of :data:`regvi.model.defaults.RNA_DEFAULTS` with its type
     and default, then ``modalities``."""
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default="rna"))]
+    # the options whose default is None: hidden_dropout_rate (chosen from the data) and
+    # decoder_norm (as norm)
+    unset = {"hidden_dropout_rate": Optional[float], "decoder_norm": Optional[str]}  # noqa: UP045 (OmegaConf)
     for key, value in RNA_DEFAULTS.items():
-        # the one option whose default is None (hidden_dropout_rate: chosen from the data)
-        kind = Optional[float] if value is None else type(value)  # noqa: UP045 (OmegaConf)
+        kind = unset[key] if value is None else type(value)
         fields.append((key, kind, field(default=value)))
     # Multimodal only: {modality: {option: value}} overriding the options above (n_latent,
     # use_ambient, ...) and the covariate roles (ambient_covariate_keys, ...) per modality.

@@ -297,6 +297,27 @@ def test_dispersion_prior_jacobian_option_reaches_the_dispersion_of_both_models(
     assert model.module.modalities["rna"].dispersion.jacobian is True
 
 
+def test_decoder_norm_option_reaches_the_decoders_of_both_models_only():
+    from torch import nn
+
+    from .test_multimodal import build, make_mdata
+
+    def kinds(layers) -> set[type]:
+        return {type(norm) for norm in layers.norms}
+
+    adata, _ = simulate(n_cells=60, n_genes=20, n_cell_types=2, n_batches=1, seed=0)
+    AmbientRegularizedSCVI.setup_anndata(adata)
+    model = AmbientRegularizedSCVI(adata, n_hidden=8, norm="layer", decoder_norm="batch")
+    assert kinds(model.module.rna.decoder.layers) == {nn.BatchNorm1d}
+    assert kinds(model.module.z_encoder.layers) == {nn.LayerNorm}
+    model = AmbientRegularizedSCVI(adata, n_hidden=8, norm="batch", decoder_norm=None)
+    assert kinds(model.module.rna.decoder.layers) == {nn.BatchNorm1d}  # None: as norm
+    model = build(make_mdata(n_cells=60), norm="layer", decoder_norm={"atac": "batch"})
+    assert kinds(model.module.modalities["atac"].decoder.layers) == {nn.BatchNorm1d}
+    assert kinds(model.module.modalities["rna"].decoder.layers) == {nn.LayerNorm}
+    assert kinds(model.module.encoders["atac"].layers) == {nn.LayerNorm}
+
+
 def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     """By default the z encoder's hidden-unit dropout is chosen when the model is built: 0.1
     while (n_hidden / 128) x genes per cell is at most 1, 0.3 at 4, 0.5 from 16 on,

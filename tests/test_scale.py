@@ -101,6 +101,29 @@ def test_block_shuffling_pools_whole_blocks_and_sees_every_cell_once():
     np.testing.assert_array_equal(np.concatenate([mb for f in plain for mb in f]), subset)
 
 
+@pytest.mark.parametrize(
+    "n_cells,batch_size,per_fetch", [(129, 128, 1), (257, 128, 2), (193, 64, 2)]
+)
+def test_a_pass_never_ends_on_a_one_cell_minibatch(n_cells, batch_size, per_fetch):
+    # BatchNorm cannot normalise one cell: the last cell joins the minibatch before it
+    subset = np.arange(n_cells)
+    sampler = _SubsetBatchSampler(subset, batch_size, True, per_fetch)
+    fetches = list(sampler)
+    minibatches = [mb for fetch in fetches for mb in fetch]
+    np.testing.assert_array_equal(np.sort(np.concatenate(minibatches)), subset)
+    assert min(mb.size for mb in minibatches) > 1
+    assert max(mb.size for mb in minibatches) == batch_size + 1
+    assert len(minibatches) == sampler.n_minibatches == -(-n_cells // batch_size) - 1
+    assert len(fetches) == len(sampler)
+    # a single cell is still one minibatch, and other lengths are cut as before
+    assert [mb.size for f in _SubsetBatchSampler(np.arange(1), 128, False) for mb in f] == [1]
+    assert [mb.size for f in _SubsetBatchSampler(np.arange(130), 64, False) for mb in f] == [
+        64,
+        64,
+        2,
+    ]
+
+
 def test_on_disk_rows_equal_anndata_rows(tmp_path):
     rng = np.random.default_rng(0)
     X = sp.random(300, 40, density=0.1, format="csr", random_state=0, dtype=np.float32)

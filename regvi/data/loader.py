@@ -294,26 +294,36 @@ class _SubsetBatchSampler(Sampler):
         self.epoch += 1  # the next pass, unless set_epoch says otherwise
         cells = self._rank_cells(generator)
         per_fetch = self.batch_size * self.minibatches_per_fetch
-        for number, first in enumerate(range(0, cells.size, per_fetch)):
-            pooled = cells[first : first + per_fetch]
+        for number, (first, end) in enumerate(_pieces(cells.size, per_fetch)):
+            pooled = cells[first:end]
             if self.block_cells:
                 pooled = pooled[torch.randperm(pooled.size, generator=generator).numpy()]
             if number < skip:
                 continue
-            yield [
-                pooled[start : start + self.batch_size]
-                for start in range(0, pooled.size, self.batch_size)
-            ]
+            yield [pooled[start:stop] for start, stop in _pieces(pooled.size, self.batch_size)]
+
+    def _n_cells(self) -> int:
+        _, world = _process_group()
+        return self.subset.size // world if world > 1 else self.subset.size
 
     @property
     def n_minibatches(self) -> int:
         """Minibatches (optimiser steps, when training) in one pass over this process's cells."""
-        _, world = _process_group()
-        n = self.subset.size // world if world > 1 else self.subset.size
-        return -(-n // self.batch_size)
+        return len(_pieces(self._n_cells(), self.batch_size))
 
     def __len__(self) -> int:
-        return -(-self.n_minibatches // self.minibatches_per_fetch)
+        return len(_pieces(self._n_cells(), self.batch_size * self.minibatches_per_fetch))
+
+
+def _pieces(n: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive pieces of ``size`` covering ``range(n)``, except that a
+    last piece of one element joins the piece before it: a training minibatch of one cell
+    would make BatchNorm fail (no variance to normalise by), so the last minibatch of a pass
+    has ``size + 1`` cells instead (and so does the fetch that holds it)."""
+    starts = list(range(0, n, size))
+    if size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True)) if starts else []
 
 
 def make_dataloader(

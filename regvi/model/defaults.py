@@ -59,6 +59,8 @@ RNA_DEFAULTS: dict[str, Any] = {
     "encoder_input": "normalized",
     "dropout_after_activation": False,
     "norm": "layer",
+    # the decoder's normalisation layers; None: ``norm``
+    "decoder_norm": None,
 }
 
 #: The multimodal model's options, each one value for every modality: the RNA model's plus
@@ -131,4 +133,5 @@ def saved_options(init_params: dict[str, Any]) -> dict[str, Any]:
     params.setdefault(
         "hidden_dropout_rate", params.get("dropout_rate", RNA_DEFAULTS["dropout_rate"])
     )
+    params.setdefault("decoder_norm", None)
     return params

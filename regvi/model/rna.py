@@ -232,6 +232,7 @@ class AmbientRegularizedSCVI(BaseModel):
             encoder_input=p["encoder_input"],
             dropout_after_activation=p["dropout_after_activation"],
             norm=p["norm"],
+            decoder_norm=p["decoder_norm"],
         )
 
     @property

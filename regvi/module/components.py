@@ -794,6 +794,7 @@ class CountModality(nn.Module):
         encoder_input: str = "normalized",
         dropout_after_activation: bool = False,
         norm: str = "layer",
+        decoder_norm: str | None = None,
     ):
         super().__init__()
         if encoder_input not in ("normalized", "log1p"):
@@ -811,7 +812,8 @@ class CountModality(nn.Module):
             n_nn_conditioning_categories,
             activation,
             scale_activation=scale_activation,
-            **layer_options,
+            dropout_after_activation=dropout_after_activation,
+            norm=norm if decoder_norm is None else decoder_norm,
         )
         if init_decoder_bias is not None:
             with torch.no_grad():
