@@ -18,6 +18,9 @@ Usage::
     # planted DE against regvi's hidden-unit dropout and encoder width (docs/integration.md)
     python benchmarks/bench_de.py --tools regvi --epochs 200 --seeds 0,1,2,3,4,5 --layers 2 \
         --samples 2000 --hidden 64 --hidden-dropout 0.3
+    # the decoder's normalisation (docs/integration.md, stop 32)
+    python benchmarks/bench_de.py --tools regvi --epochs 200 --seeds 0,1,2 --layers 2 \
+        --cells 500 --genes 4000 --hidden 128 --latent 10 --samples 2000 --decoder-norm batch
 
 Needs ``pip install "regvi[bench]"`` (scvi-tools) for the comparison.
 """
@@ -58,6 +61,8 @@ def run_regvi(adata, args) -> object:
 
     AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
     options = {} if args.hidden_dropout is None else {"hidden_dropout_rate": args.hidden_dropout}
+    if args.decoder_norm is not None:
+        options["decoder_norm"] = args.decoder_norm
     model = AmbientRegularizedSCVI(
         adata, n_latent=args.latent, n_hidden=args.hidden, n_layers=args.layers, **options
     )
@@ -99,6 +104,9 @@ def main() -> None:
     parser.add_argument("--tools", default="regvi,scvi")
     parser.add_argument(
         "--hidden-dropout", type=float, default=None, help="regvi's hidden_dropout_rate"
+    )
+    parser.add_argument(
+        "--decoder-norm", default=None, help="regvi's decoder_norm (layer or batch)"
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -318,6 +318,25 @@ def test_decoder_norm_option_reaches_the_decoders_of_both_models_only():
     assert kinds(model.module.encoders["atac"].layers) == {nn.LayerNorm}
 
 
+@pytest.mark.parametrize("kind", ["rna", "multimodal"])
+def test_batchnorm_trains_when_the_last_minibatch_would_hold_one_cell(kind):
+    # 65 training cells in minibatches of 32: the third would hold one cell, which
+    # BatchNorm cannot normalise; it joins the second instead
+    if kind == "rna":
+        adata, _ = simulate(n_cells=65, n_genes=20, n_cell_types=2, n_batches=2, seed=0)
+        AmbientRegularizedSCVI.setup_anndata(adata, batch_key="batch")
+        model = AmbientRegularizedSCVI(adata, n_hidden=8, norm="batch")
+    else:
+        from .test_multimodal import build, make_mdata
+
+        model = build(make_mdata(n_cells=65), norm="batch")
+    model.train(
+        max_epochs=2, batch_size=32, train_size=1.0, accelerator="cpu", enable_progress_bar=False
+    )
+    assert model.trainer_.global_step == 2 * 2
+    assert np.isfinite(model.history["elbo_train"]).all()
+
+
 def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     """By default the z encoder's hidden-unit dropout is chosen when the model is built: 0.1
     while (n_hidden / 128) x genes per cell is at most 1, 0.3 at 4, 0.5 from 16 on,
