@@ -1,5 +1,7 @@
 """The Python API: train, outputs, save/load, new data."""
 
+import math
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -339,7 +341,7 @@ def test_batchnorm_trains_when_the_last_minibatch_would_hold_one_cell(kind):
 
 def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     """By default the z encoder's hidden-unit dropout is chosen when the model is built: 0.1
-    while (n_hidden / 128) x genes per cell is at most 1, 0.3 at 4, 0.5 from 16 on,
+    while (n_hidden / 128) x genes per cell is at most 1, 0.3 at 4, 0.7 from 16 on,
     log-linear between, in both models and per modality; its input dropout stays
     ``dropout_rate``. A given rate is kept, and a saved model rebuilds with the rate it was
     trained with."""
@@ -348,8 +350,9 @@ def test_hidden_dropout_rises_with_the_encoder_input_weights_per_cell(tmp_path):
     from .test_multimodal import build, make_mdata
 
     ratios = {(128, 100, 200): 0.1, (128, 200, 200): 0.1, (128, 400, 200): 0.2}
-    ratios |= {(128, 800, 200): 0.3, (128, 1600, 200): 0.4, (128, 3200, 200): 0.5}
-    ratios |= {(128, 9000, 200): 0.5, (512, 100, 200): 0.2, (512, 800, 200): 0.5}
+    ratios |= {(128, 800, 200): 0.3, (128, 1600, 200): 0.5, (128, 3200, 200): 0.7}
+    ratios |= {(128, 9000, 200): 0.7, (512, 100, 200): 0.2, (512, 800, 200): 0.7}
+    ratios |= {(128, 1131, 200): 0.3 + 0.2 * math.log2(1131 / 800)}
     ratios |= {(64, 200, 2000): 0.1, (32, 400, 100): 0.1}
     for (n_hidden, n_genes, n_cells), expected in ratios.items():
         assert hidden_dropout_for(n_hidden, n_genes, n_cells) == pytest.approx(expected)

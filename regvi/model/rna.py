@@ -58,11 +58,11 @@ class AmbientRegularizedSCVI(BaseModel):
         Default ``None``: chosen from the data when the model is built and kept in
         ``init_params`` as that number (:func:`~regvi.model.defaults.hidden_dropout_for`):
         with 128 hidden units 0.1 while there are no more genes than cells, rising to 0.3 at
-        four genes per cell and 0.5 at sixteen, and each doubling of ``n_hidden`` counts as
-        a doubling of the genes. Many input weights per cell let the encoder memorise
-        batch-specific genes; 0.3 to 0.5 then mixed better with a better held-out
-        likelihood, while on sets with fewer genes than cells 0.3 cost fine-type structure
-        (``docs/integration.md``).
+        four genes per cell, 0.5 at eight and 0.7 from sixteen, and each doubling of
+        ``n_hidden`` counts as a doubling of the genes. Many input weights per cell let the
+        encoder memorise batch-specific genes; 0.3 to 0.7 then mixed better with a better
+        held-out likelihood, while on sets with fewer genes than cells 0.3 cost fine-type
+        structure (``docs/integration.md``).
     use_ambient, regularise_ambient, ambient_prior_alpha, ambient_prior_beta
         Additive ambient RNA per ambient category, and its optional Gamma prior.
     ambient_init_gene_fraction
