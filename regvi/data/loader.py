@@ -303,6 +303,7 @@ class _SubsetBatchSampler(Sampler):
             yield [pooled[start:stop] for start, stop in _pieces(pooled.size, self.batch_size)]
 
     def _n_cells(self) -> int:
+        """This process's cells in one pass."""
         _, world = _process_group()
         return self.subset.size // world if world > 1 else self.subset.size
 

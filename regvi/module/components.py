@@ -812,8 +812,7 @@ class CountModality(nn.Module):
             n_nn_conditioning_categories,
             activation,
             scale_activation=scale_activation,
-            dropout_after_activation=dropout_after_activation,
-            norm=norm if decoder_norm is None else decoder_norm,
+            **{**layer_options, "norm": norm if decoder_norm is None else decoder_norm},
         )
         if init_decoder_bias is not None:
             with torch.no_grad():
